@@ -1,0 +1,126 @@
+/// A grant of a lock or of a semaphore slot: the token that proves it and its lease.
+public struct Grant: Sendable, Hashable {
+    /// The token the server issued; present it to release or renew.
+    public let token: String
+    /// The lease the server granted, in seconds.
+    public let leaseS: Int
+
+    /// Creates a grant. Grants normally come from the server; this is for tests and tools.
+    public init(token: String, leaseS: Int) {
+        self.token = token
+        self.leaseS = leaseS
+    }
+
+    /// The fencing value in the token, on servers that issue one (2.x); see ``fenceFromToken(_:)``.
+    public var fence: UInt64? { fenceFromToken(token) }
+}
+
+/// A successful reply, typed by the request it answers.
+enum Reply: Sendable, Equatable {
+    /// `ok` to `auth`, `r`, `sr`, `ping`.
+    case ok
+    /// `ok <token> <lease>` to `l`, `w`, `sl`, `sw`; `acquired <token> <lease>` to `e`, `se`.
+    case granted(Grant)
+    /// `ok <seconds>` to `n`, `sn`.
+    case renewed(remainingS: Int)
+    /// `queued` to `e`, `se`.
+    case queued
+    /// `timeout` to `l`, `w`, `sl`, `sw`: nothing was granted (and a `w` waiter left the queue).
+    case timeout
+    /// `ok <json>` to `stats`.
+    case stats(ServerStats)
+}
+
+/// Turns one reply line into a typed reply or the error it stands for. Pure: no I/O.
+enum ReplyDecoder {
+    /// Decodes `line` (without its line break) as the answer to `request`.
+    static func decode(_ line: UnsafeRawBufferPointer, for request: Request) -> Result<Reply, LockError> {
+        guard let text = utf8String(line) else {
+            return .failure(.protocolViolation("a reply to '\(request.command.rawValue)' that is not valid UTF-8"))
+        }
+        return decode(text, for: request)
+    }
+
+    /// Decodes a reply line given as text.
+    static func decode(_ line: String, for request: Request) -> Result<Reply, LockError> {
+        let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+        guard let status = fields.first else {
+            return .failure(unexpected(line, for: request))
+        }
+        switch (status, request.command) {
+        case ("ok", .auth), ("ok", .release), ("ok", .semaphoreRelease), ("ok", .ping):
+            return .success(.ok)
+        case ("ok", .acquire), ("ok", .wait), ("ok", .semaphoreAcquire), ("ok", .semaphoreWait),
+             ("acquired", .enqueue), ("acquired", .semaphoreEnqueue):
+            guard fields.count >= 3, let lease = Int(fields[2]), lease >= 0 else {
+                return .failure(unexpected(line, for: request))
+            }
+            return .success(.granted(Grant(token: String(fields[1]), leaseS: lease)))
+        case ("ok", .renew), ("ok", .semaphoreRenew):
+            guard fields.count >= 2, let seconds = Int(fields[1]), seconds >= 0 else {
+                return .failure(unexpected(line, for: request))
+            }
+            return .success(.renewed(remainingS: seconds))
+        case ("queued", .enqueue), ("queued", .semaphoreEnqueue):
+            return .success(.queued)
+        case ("timeout", .acquire), ("timeout", .wait), ("timeout", .semaphoreAcquire), ("timeout", .semaphoreWait):
+            return .success(.timeout)
+        case ("ok", .stats):
+            let json = line.drop(while: { $0 != " " }).dropFirst()
+            return ServerStats.decode(json: Substring(json)).map(Reply.stats)
+        default:
+            return .failure(error(status: status, line: line, for: request))
+        }
+    }
+
+    /// Whether the server keeps the connection usable after answering `error`, as the recorded
+    /// servers do for a release or renew of a token that no longer holds the key, or a two-phase
+    /// step out of order. Any other `error` means the server judged the request malformed.
+    static func isRecoverable(_ error: LockError) -> Bool {
+        switch error {
+        case .notHeld, .notEnqueued, .alreadyEnqueued, .maxLocks, .maxWaiters, .limitMismatch, .leaseExpired, .serverDraining:
+            return true
+        default:
+            return false
+        }
+    }
+
+    private static func error(status: Substring, line: String, for request: Request) -> LockError {
+        let key = request.key
+        switch status {
+        case "error_auth": return .authFailed
+        case "error_max_locks": return .maxLocks(key: key)
+        case "error_max_waiters": return .maxWaiters(key: key)
+        case "error_limit_mismatch": return .limitMismatch(key: key)
+        case "error_not_enqueued": return .notEnqueued(key: key)
+        case "error_already_enqueued": return .alreadyEnqueued(key: key)
+        case "error_lease_expired": return .leaseExpired(key: key)
+        case "error_draining": return .serverDraining
+        case "error":
+            // 0.5.0 answers plain `error` where newer servers have a distinct status.
+            switch request.command {
+            case .release, .renew, .semaphoreRelease, .semaphoreRenew: return .notHeld(key: key)
+            case .wait, .semaphoreWait: return .notEnqueued(key: key)
+            case .enqueue, .semaphoreEnqueue: return .alreadyEnqueued(key: key)
+            default: return .serverError(command: request.command.rawValue, key: key)
+            }
+        case _ where status.hasPrefix("error"):
+            return .serverError(command: request.command.rawValue, key: key)
+        default:
+            return unexpected(line, for: request)
+        }
+    }
+
+    private static func unexpected(_ line: String, for request: Request) -> LockError {
+        let shown = line.count > 80 ? "\(line.prefix(80))…" : line
+        return .protocolViolation("unexpected reply \(shown.debugDescription) to '\(request.command.rawValue)'")
+    }
+
+    private static func utf8String(_ bytes: UnsafeRawBufferPointer) -> String? {
+        // Replies are almost always ASCII; only other bytes need the full check.
+        if !bytes.contains(where: { $0 >= 0x80 }) {
+            return String(decoding: bytes, as: UTF8.self)
+        }
+        return String(validating: bytes, as: UTF8.self)
+    }
+}

@@ -1,0 +1,116 @@
+/// One request as it goes on the wire: `command\nkey\nargument\n`.
+///
+/// Requests are built only through the validating factories below, so an encoded request never
+/// carries a stray line break.
+struct Request: Sendable, Hashable {
+    let command: Command
+    let key: String
+    let argument: String
+    /// For a command the server may hold back: the longest it may wait, in seconds.
+    let blockingSeconds: Int?
+
+    private init(_ command: Command, key: String, argument: String, blockingSeconds: Int? = nil) {
+        self.command = command
+        self.key = key
+        self.argument = argument
+        self.blockingSeconds = blockingSeconds
+    }
+
+    /// Appends the three lines to `buffer`.
+    func encode(into buffer: inout [UInt8]) {
+        buffer.append(contentsOf: command.rawValue.utf8)
+        buffer.append(0x0A)
+        buffer.append(contentsOf: key.utf8)
+        buffer.append(0x0A)
+        buffer.append(contentsOf: argument.utf8)
+        buffer.append(0x0A)
+    }
+
+    /// The encoded request.
+    var bytes: [UInt8] {
+        var buffer: [UInt8] = []
+        buffer.reserveCapacity(command.rawValue.utf8.count + key.utf8.count + argument.utf8.count + 3)
+        encode(into: &buffer)
+        return buffer
+    }
+
+    // MARK: - Factories, one per command
+
+    static func auth(secret: String) throws(LockError) -> Request {
+        try Validation.secret(secret)
+        return Request(.auth, key: "_", argument: secret)
+    }
+
+    static func acquire(key: String, timeoutS: Int, leaseTtlS: Int? = nil) throws(LockError) -> Request {
+        try Validation.key(key)
+        try Validation.timeout(timeoutS, name: "timeoutS")
+        try Validation.lease(leaseTtlS)
+        return Request(.acquire, key: key, argument: joined(timeoutS, leaseTtlS), blockingSeconds: timeoutS)
+    }
+
+    static func release(key: String, token: String) throws(LockError) -> Request {
+        try Validation.key(key)
+        try Validation.token(token)
+        return Request(.release, key: key, argument: token)
+    }
+
+    static func renew(key: String, token: String, leaseTtlS: Int? = nil) throws(LockError) -> Request {
+        try Validation.key(key)
+        try Validation.token(token)
+        try Validation.lease(leaseTtlS)
+        return Request(.renew, key: key, argument: leaseTtlS.map { "\(token) \($0)" } ?? token)
+    }
+
+    static func enqueue(key: String, leaseTtlS: Int? = nil) throws(LockError) -> Request {
+        try Validation.key(key)
+        try Validation.lease(leaseTtlS)
+        return Request(.enqueue, key: key, argument: leaseTtlS.map(String.init) ?? "")
+    }
+
+    static func wait(key: String, timeoutS: Int) throws(LockError) -> Request {
+        try Validation.key(key)
+        try Validation.timeout(timeoutS, name: "timeoutS")
+        return Request(.wait, key: key, argument: String(timeoutS), blockingSeconds: timeoutS)
+    }
+
+    static func semaphoreAcquire(key: String, limit: Int, timeoutS: Int, leaseTtlS: Int? = nil) throws(LockError) -> Request {
+        try Validation.key(key)
+        try Validation.limit(limit)
+        try Validation.timeout(timeoutS, name: "timeoutS")
+        try Validation.lease(leaseTtlS)
+        return Request(.semaphoreAcquire, key: key, argument: joined(timeoutS, limit, leaseTtlS), blockingSeconds: timeoutS)
+    }
+
+    static func semaphoreRelease(key: String, token: String) throws(LockError) -> Request {
+        try Validation.key(key)
+        try Validation.token(token)
+        return Request(.semaphoreRelease, key: key, argument: token)
+    }
+
+    static func semaphoreRenew(key: String, token: String, leaseTtlS: Int? = nil) throws(LockError) -> Request {
+        try Validation.key(key)
+        try Validation.token(token)
+        try Validation.lease(leaseTtlS)
+        return Request(.semaphoreRenew, key: key, argument: leaseTtlS.map { "\(token) \($0)" } ?? token)
+    }
+
+    static func semaphoreEnqueue(key: String, limit: Int, leaseTtlS: Int? = nil) throws(LockError) -> Request {
+        try Validation.key(key)
+        try Validation.limit(limit)
+        try Validation.lease(leaseTtlS)
+        return Request(.semaphoreEnqueue, key: key, argument: joined(limit, leaseTtlS))
+    }
+
+    static func semaphoreWait(key: String, timeoutS: Int) throws(LockError) -> Request {
+        try Validation.key(key)
+        try Validation.timeout(timeoutS, name: "timeoutS")
+        return Request(.semaphoreWait, key: key, argument: String(timeoutS), blockingSeconds: timeoutS)
+    }
+
+    static let stats = Request(.stats, key: "_", argument: "")
+    static let ping = Request(.ping, key: "_", argument: "")
+
+    private static func joined(_ numbers: Int?...) -> String {
+        numbers.compactMap { $0.map(String.init) }.joined(separator: " ")
+    }
+}

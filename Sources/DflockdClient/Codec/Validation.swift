@@ -1,0 +1,64 @@
+/// Checks applied to every caller-supplied value before it is encoded: whatever fails here never
+/// reaches the wire. A newline in a key or token would otherwise inject a second command.
+enum Validation {
+    /// The longest key, token or argument line a server accepts, in UTF-8 bytes.
+    static let maximumLineBytes = 256
+    /// The longest auth secret the Go server accepts, in UTF-8 bytes.
+    static let maximumSecretBytes = 64 * 1024
+
+    /// A lock or semaphore key: non-empty, at most 256 UTF-8 bytes, no whitespace, no NUL.
+    static func key(_ key: String, name: String = "key") throws(LockError) {
+        try word(key, name: name)
+    }
+
+    /// A token as the server issued it: opaque, but held to the same rules as a key.
+    static func token(_ token: String, name: String = "token") throws(LockError) {
+        try word(token, name: name)
+    }
+
+    /// An auth secret: non-empty, at most 64 KiB, no CR, LF or NUL. Never echoed in errors.
+    static func secret(_ secret: String, name: String = "auth") throws(LockError) {
+        if secret.isEmpty {
+            throw .invalidArgument(name: name, reason: "must not be empty")
+        }
+        if secret.utf8.count > maximumSecretBytes {
+            throw .invalidArgument(name: name, reason: "is longer than \(maximumSecretBytes) bytes")
+        }
+        if secret.utf8.contains(where: { $0 == 0x0A || $0 == 0x0D || $0 == 0x00 }) {
+            throw .invalidArgument(name: name, reason: "must not contain a line break or NUL")
+        }
+    }
+
+    /// Whole seconds the server waits: zero means try once.
+    static func timeout(_ seconds: Int, name: String) throws(LockError) {
+        if seconds < 0 {
+            throw .invalidArgument(name: name, reason: "must be 0 or more seconds, got \(seconds)")
+        }
+    }
+
+    /// A lease length: at least one second.
+    static func lease(_ seconds: Int?, name: String = "leaseTtlS") throws(LockError) {
+        if let seconds, seconds < 1 {
+            throw .invalidArgument(name: name, reason: "must be at least 1 second, got \(seconds)")
+        }
+    }
+
+    /// A semaphore limit: at least one holder.
+    static func limit(_ limit: Int, name: String = "limit") throws(LockError) {
+        if limit < 1 {
+            throw .invalidArgument(name: name, reason: "must be at least 1, got \(limit)")
+        }
+    }
+
+    private static func word(_ value: String, name: String) throws(LockError) {
+        if value.isEmpty {
+            throw .invalidArgument(name: name, reason: "must not be empty")
+        }
+        if value.utf8.count > maximumLineBytes {
+            throw .invalidArgument(name: name, reason: "is \(value.utf8.count) bytes of UTF-8; the server accepts at most \(maximumLineBytes)")
+        }
+        if value.unicodeScalars.contains(where: { $0.properties.isWhitespace || $0 == "\0" }) {
+            throw .invalidArgument(name: name, reason: "must not contain whitespace, line breaks or NUL: \(value.debugDescription)")
+        }
+    }
+}

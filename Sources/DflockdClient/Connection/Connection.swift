@@ -1,0 +1,304 @@
+import DequeModule
+
+/// What a connection tells its owner when it ends by itself.
+protocol ConnectionDelegate: AnyObject {
+    /// The connection ended for a reason other than the owner's ``Connection/close()``: the
+    /// server closed it, a read or write failed, a timeout hit, or a reply was malformed.
+    /// Every outstanding request has already been failed with `error`.
+    func connection(_ connection: Connection, didCloseWith error: LockError)
+}
+
+/// One session with one dflockd server: requests answered strictly in order.
+///
+/// The connection *is* the session: closing it releases whatever it holds on the server and
+/// cancels its waits. Several requests may be outstanding at once (pipelining); each is
+/// completed with its own reply, in the order sent. Any failure or end of the stream fails every
+/// outstanding request with the reason, and the connection stays closed.
+///
+/// Every method may be called from any thread; its completion handler is called on the loop
+/// thread, never before the method has returned. The first request (or ``connect(completion:)``)
+/// opens the connection, sending `auth` first when a secret is configured.
+public final class Connection: @unchecked Sendable {
+    /// The server this connection talks to.
+    public let endpoint: Endpoint
+    /// The loop that runs the connection and calls its completion handlers.
+    public let loop: EventLoop
+
+    let configuration: Configuration
+    weak var delegate: (any ConnectionDelegate)?
+
+    // Loop-confined state.
+    private var phase = Phase.idle
+    private var transport: (any Transport)?
+    private var framer = LineFramer()
+    private var outstanding = Deque<Outstanding>()
+    private var unsent: [UInt8] = []
+    private var connectWaiters: [(Result<Void, LockError>) -> Void] = []
+    private var replyTimer: LoopTimer?
+    /// Keeps the connection alive while replies are owed, so every completion handler runs even
+    /// if the caller dropped its reference.
+    private var selfWhileBusy: Connection?
+
+    struct Configuration: Sendable {
+        var tls: TLSOptions?
+        var auth: String?
+        var connectTimeoutMs: Int?
+        var socketTimeoutMs: Int?
+    }
+
+    private enum Phase {
+        case idle, connecting, open
+        case closed(LockError)
+    }
+
+    private struct Outstanding {
+        let request: Request
+        let completion: (Result<Reply, LockError>) -> Void
+    }
+
+    /// Creates a connection to one server. Nothing happens on the network until the first
+    /// request or ``connect(completion:)``.
+    ///
+    /// - Parameters:
+    ///   - host: Host name or IP literal of the server.
+    ///   - port: Its TCP port.
+    ///   - tls: TLS options, or `nil` for plain TCP.
+    ///   - auth: The server's `--auth-token`; sent as the first request when set.
+    ///   - connectTimeoutMs: Limit on establishing the connection; `nil` waits as long as TCP does.
+    ///   - socketTimeoutMs: Close the connection when no byte arrives for this long while a
+    ///     reply is owed (a blocking acquire or wait adds its own timeout to the allowance).
+    ///   - loop: The loop to run on.
+    /// - Throws: ``LockError/invalidArgument(name:reason:)`` for a bad port, secret or timeout.
+    public init(host: String = "127.0.0.1",
+                port: Int = 6388,
+                tls: TLSOptions? = nil,
+                auth: String? = nil,
+                connectTimeoutMs: Int? = nil,
+                socketTimeoutMs: Int? = nil,
+                loop: EventLoop = .shared) throws(LockError) {
+        try Self.validate(host: host, port: port)
+        if let auth { try Validation.secret(auth) }
+        try Self.validate(milliseconds: connectTimeoutMs, name: "connectTimeoutMs")
+        try Self.validate(milliseconds: socketTimeoutMs, name: "socketTimeoutMs")
+        self.endpoint = Endpoint(host: host, port: port)
+        self.loop = loop
+        self.configuration = Configuration(tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs)
+    }
+
+    deinit {
+        replyTimer.map { timer in loop.runOnLoop { timer.close() } }
+        transport.map { transport in loop.runOnLoop { transport.close() } }
+    }
+
+    /// Opens the connection (and authenticates, when a secret is set) if it is not open yet.
+    /// The completion reports when it is ready, or why it cannot be.
+    public func connect(completion: @escaping (Result<Void, LockError>) -> Void) {
+        loop.runOnLoop { [self] in
+            switch phase {
+            case .open where connectWaiters.isEmpty:
+                loop.runLater { completion(.success(())) }
+            case .closed(let error):
+                loop.runLater { completion(.failure(error)) }
+            default:
+                connectWaiters.append(completion)
+                startIfIdle()
+            }
+        }
+    }
+
+    /// Closes the connection without sending anything more. Outstanding requests fail with
+    /// ``LockError/closed``. Idempotent; safe from any thread.
+    public func close() {
+        loop.runOnLoop { [self] in end(with: .closed, notifyDelegate: false) }
+    }
+
+    /// Whether the connection is closed (by the caller, the server, or a failure). Loop thread.
+    var isClosed: Bool {
+        if case .closed = phase { return true }
+        return false
+    }
+
+    /// Closes the connection because the caller's task was cancelled.
+    func cancel() {
+        loop.runOnLoop { [self] in end(with: .cancelled, notifyDelegate: false) }
+    }
+
+    // MARK: - Sending
+
+    /// Sends `request` and completes with its reply, on the loop thread. Loop thread only.
+    func send(_ request: Request, completion: @escaping (Result<Reply, LockError>) -> Void) {
+        loop.assertInLoop()
+        if case .closed(let error) = phase {
+            loop.runLater { completion(.failure(error)) }
+            return
+        }
+        startIfIdle()
+        append(request, completion: completion)
+    }
+
+    private func append(_ request: Request, completion: @escaping (Result<Reply, LockError>) -> Void) {
+        outstanding.append(Outstanding(request: request, completion: completion))
+        if outstanding.count == 1 {
+            selfWhileBusy = self
+            armReplyTimer()
+        }
+        if case .open = phase {
+            write(request)
+        } else {
+            request.encode(into: &unsent)
+        }
+    }
+
+    private func write(_ request: Request) {
+        guard let transport else { return }
+        var bytes = [UInt8]()
+        bytes.reserveCapacity(request.command.rawValue.utf8.count + request.key.utf8.count + request.argument.utf8.count + 3)
+        request.encode(into: &bytes)
+        bytes.withUnsafeBytes { transport.write($0) }
+    }
+
+    private func startIfIdle() {
+        guard case .idle = phase else { return }
+        phase = .connecting
+        let transport: any Transport
+        if configuration.tls != nil {
+            // TLS is wired in by the TLS transport; until then say so instead of sending plain text.
+            loop.runLater { [self] in
+                end(with: .tls(reason: "TLS connections are not available in this build"), notifyDelegate: true)
+            }
+            return
+        }
+        transport = TCPTransport(loop: loop)
+        transport.delegate = self
+        self.transport = transport
+        if let secret = configuration.auth, let request = try? Request.auth(secret: secret) {
+            append(request) { [weak self] result in self?.didAuthenticate(result) }
+        }
+        transport.connect(to: endpoint, timeoutMilliseconds: configuration.connectTimeoutMs)
+    }
+
+    private func didAuthenticate(_ result: Result<Reply, LockError>) {
+        if case .failure(let error) = result {
+            end(with: error, notifyDelegate: true)
+            return
+        }
+        finishConnecting(.success(()))
+    }
+
+    private func finishConnecting(_ result: Result<Void, LockError>) {
+        let waiters = connectWaiters
+        connectWaiters.removeAll()
+        for waiter in waiters { waiter(result) }
+    }
+
+    // MARK: - Receiving
+
+    private func didRead(_ bytes: UnsafeRawBufferPointer) {
+        armReplyTimer()
+        do {
+            try framer.feed(bytes) { line in
+                deliver(line)
+                if case .open = phase { return true }
+                return false
+            }
+        } catch {
+            end(with: error, notifyDelegate: true)
+        }
+    }
+
+    private func deliver(_ line: UnsafeRawBufferPointer) {
+        guard let next = outstanding.popFirst() else {
+            let text = String(decoding: line.prefix(80), as: UTF8.self)
+            end(with: .protocolViolation("a reply with no request outstanding: \(text.debugDescription)"), notifyDelegate: true)
+            return
+        }
+        if outstanding.isEmpty { selfWhileBusy = nil }
+        armReplyTimer()
+        let result = ReplyDecoder.decode(line, for: next.request)
+        if case .failure(let error) = result, !ReplyDecoder.isRecoverable(error) {
+            // The server treats this request as malformed (0.5.0 closes the connection after it);
+            // nothing later on this connection can be trusted.
+            next.completion(result)
+            end(with: error, notifyDelegate: true)
+            return
+        }
+        next.completion(result)
+    }
+
+    private func armReplyTimer() {
+        guard let milliseconds = configuration.socketTimeoutMs, case .open = phase else { return }
+        guard let head = outstanding.first else {
+            replyTimer?.cancel()
+            return
+        }
+        let timer = replyTimer ?? LoopTimer(loop: loop) { [weak self] in
+            self?.end(with: .socketTimeout(milliseconds: milliseconds), notifyDelegate: true)
+        }
+        replyTimer = timer
+        // A blocking acquire or wait is silent on purpose until its own timeout.
+        timer.schedule(afterMilliseconds: milliseconds + (head.request.blockingSeconds ?? 0) * 1000)
+    }
+
+    // MARK: - Ending
+
+    /// Closes the transport and fails everything outstanding with `error`. Idempotent.
+    private func end(with error: LockError, notifyDelegate: Bool) {
+        if case .closed = phase { return }
+        phase = .closed(error)
+        transport?.close()
+        transport = nil
+        replyTimer?.close()
+        replyTimer = nil
+        unsent = []
+        let failed = outstanding
+        outstanding.removeAll()
+        withExtendedLifetime(selfWhileBusy) {
+            selfWhileBusy = nil
+            for request in failed { request.completion(.failure(error)) }
+            finishConnecting(.failure(error))
+            if notifyDelegate { delegate?.connection(self, didCloseWith: error) }
+        }
+    }
+
+    private static func validate(host: String, port: Int) throws(LockError) {
+        if host.isEmpty || host.utf8.contains(where: { $0 <= 0x20 }) {
+            throw .invalidArgument(name: "host", reason: "must be a host name or IP address without whitespace, got \(host.debugDescription)")
+        }
+        if !(1...65535).contains(port) {
+            throw .invalidArgument(name: "port", reason: "must be 1...65535, got \(port)")
+        }
+    }
+
+    static func validate(milliseconds: Int?, name: String) throws(LockError) {
+        if let milliseconds, milliseconds < 0 {
+            throw .invalidArgument(name: name, reason: "must be 0 or more milliseconds, got \(milliseconds)")
+        }
+    }
+}
+
+extension Connection: TransportDelegate {
+    func transportDidConnect(_ transport: any Transport) {
+        guard case .connecting = phase else { return }
+        phase = .open
+        armReplyTimer()
+        if !unsent.isEmpty {
+            let bytes = unsent
+            unsent = []
+            bytes.withUnsafeBytes { transport.write($0) }
+        }
+        if configuration.auth == nil { finishConnecting(.success(())) }
+    }
+
+    func transport(_ transport: any Transport, didRead bytes: UnsafeRawBufferPointer) {
+        didRead(bytes)
+    }
+
+    func transport(_ transport: any Transport, didFailWith error: LockError) {
+        // A server that rejects auth may close before its `error_auth` is read.
+        if case .connectionClosed = error, outstanding.first?.request.command == .auth {
+            end(with: .authFailed, notifyDelegate: true)
+            return
+        }
+        end(with: error, notifyDelegate: true)
+    }
+}

@@ -1,0 +1,105 @@
+/// Every way a lock, semaphore or connection operation can fail.
+///
+/// Each case carries what a person needs to act on it; ``description`` says what happened and
+/// what to do. Server statuses each have a case of their own (see `protocol.md`), client-side
+/// failures likewise.
+public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// The lock was not granted within the acquire timeout (the seed's `AcquireTimeoutError`).
+    case acquireTimeout(key: String)
+    /// The server rejected the auth secret (`error_auth`), or closed the connection during auth.
+    case authFailed
+    /// A caller-supplied value cannot be sent: `name` is the option or argument, `reason` why.
+    case invalidArgument(name: String, reason: String)
+    /// `acquire` or `enqueue` on an instance that is already connected, without `force`.
+    case alreadyConnected(key: String)
+    /// `release` on an instance that holds no connection (already released or closed).
+    case notConnected(key: String)
+    /// `wait` before `enqueue`, or the server answered `error_not_enqueued`.
+    case notEnqueued(key: String)
+    /// The server answered `error_already_enqueued`: this connection already waits on the key.
+    case alreadyEnqueued(key: String)
+    /// `release` or `renew` answered `error`: the token no longer holds the key (released,
+    /// expired, or never granted). Another client may own it now.
+    case notHeld(key: String)
+    /// The server's `--max-locks` budget of distinct keys is used up (`error_max_locks`).
+    case maxLocks(key: String)
+    /// The key's waiter queue is full (`error_max_waiters`).
+    case maxWaiters(key: String)
+    /// The key exists with another kind or semaphore limit (`error_limit_mismatch`).
+    case limitMismatch(key: String)
+    /// The lease ran out before the grant reached this client (`error_lease_expired`).
+    case leaseExpired(key: String)
+    /// The server is shutting down and takes no new grants (`error_draining`).
+    case serverDraining
+    /// The server answered `error` to a request this client sent as well-formed.
+    case serverError(command: String, key: String)
+    /// The host name did not resolve.
+    case resolveFailed(host: String, reason: String)
+    /// No address of the server accepted the TCP connection.
+    case connectFailed(host: String, port: Int, reason: String)
+    /// The TCP (and TLS) connection was not established within `connectTimeoutMs`.
+    case connectTimeout(host: String, port: Int, milliseconds: Int)
+    /// No byte arrived within `socketTimeoutMs` while a reply was awaited.
+    case socketTimeout(milliseconds: Int)
+    /// The connection ended (the server closed it, it was reset, or a read or write failed).
+    case connectionClosed(reason: String)
+    /// The server sent something that is not a valid reply to the request outstanding.
+    case protocolViolation(String)
+    /// The TLS handshake or a TLS read or write failed; `reason` is OpenSSL's text.
+    case tls(reason: String)
+    /// The operation was cancelled (its Task was cancelled); the connection was closed.
+    case cancelled
+    /// The instance or connection was closed by the caller while the operation was under way.
+    case closed
+
+    public var description: String {
+        switch self {
+        case .acquireTimeout(let key):
+            return "lock '\(key)' was not acquired within the acquire timeout; another holder has it. Retry later or raise acquireTimeoutS."
+        case .authFailed:
+            return "the server rejected the auth secret. Check the `auth` option against the server's --auth-token."
+        case .invalidArgument(let name, let reason):
+            return "invalid \(name): \(reason)"
+        case .alreadyConnected(let key):
+            return "lock '\(key)' is already connected; call release() or close() first, or pass force: true."
+        case .notConnected(let key):
+            return "lock '\(key)' has no open connection (already released or closed); acquire it first."
+        case .notEnqueued(let key):
+            return "'\(key)' is not enqueued on this connection; call enqueue() before wait()."
+        case .alreadyEnqueued(let key):
+            return "this connection already waits on '\(key)'; call wait() instead of enqueueing twice."
+        case .notHeld(let key):
+            return "the server says this token does not hold '\(key)': it was released or its lease expired, and another client may own it now."
+        case .maxLocks(let key):
+            return "the server refused '\(key)': its --max-locks budget of distinct keys is used up. Release unused keys or raise --max-locks."
+        case .maxWaiters(let key):
+            return "the server refused to queue on '\(key)': its waiter queue is full. Retry later or raise the server's --max-waiters."
+        case .limitMismatch(let key):
+            return "'\(key)' exists on the server as a lock or a semaphore with another limit; use the same kind and limit as its other users."
+        case .leaseExpired(let key):
+            return "the lease on '\(key)' expired before the grant reached this client; acquire again."
+        case .serverDraining:
+            return "the server is draining (shutting down) and grants nothing new; retry on another server or later."
+        case .serverError(let command, let key):
+            return "the server answered `error` to '\(command)' on '\(key)'; it treats the request as malformed or not allowed. The connection was closed."
+        case .resolveFailed(let host, let reason):
+            return "could not resolve host '\(host)': \(reason). Check the server address."
+        case .connectFailed(let host, let port, let reason):
+            return "could not connect to \(host):\(port): \(reason). Is dflockd running there?"
+        case .connectTimeout(let host, let port, let milliseconds):
+            return "connecting to \(host):\(port) took longer than \(milliseconds) ms; check the network or raise connectTimeoutMs."
+        case .socketTimeout(let milliseconds):
+            return "no reply byte arrived within \(milliseconds) ms (socketTimeoutMs); the connection was closed."
+        case .connectionClosed(let reason):
+            return "the connection to the server ended: \(reason)."
+        case .protocolViolation(let detail):
+            return "the server sent something this client cannot accept: \(detail). The connection was closed."
+        case .tls(let reason):
+            return "TLS failed: \(reason)."
+        case .cancelled:
+            return "the operation was cancelled; its connection was closed, so the server dropped any wait or hold it had."
+        case .closed:
+            return "the connection was closed by the caller before the operation finished."
+        }
+    }
+}

@@ -1,0 +1,176 @@
+import CUV
+import Glibc
+import Synchronization
+
+/// A single-threaded libuv event loop that every lock, semaphore and connection runs on.
+///
+/// All state of the objects bound to a loop is touched only on the loop's thread; other
+/// threads reach it through ``execute(_:)``. An `EventLoop` either owns its `uv_loop_t` and a
+/// thread that runs it (``init()``, ``shared``), or borrows a loop that the caller already runs
+/// (``init(borrowing:)``), for embedding in an existing libuv program.
+public final class EventLoop: @unchecked Sendable {
+    /// The process-wide loop, started on first use on a thread of its own. It is never shut down.
+    public static let shared = EventLoop()
+
+    /// The libuv loop. Touch it only on the loop thread.
+    let raw: UnsafeMutablePointer<uv_loop_t>
+
+    /// One read buffer for every stream on the loop: libuv calls a stream's allocation callback
+    /// and its read callback back to back on this thread, so the bytes are consumed before the
+    /// buffer is handed out again. Thousands of idle connections then cost no buffer each.
+    let readBuffer: UnsafeMutableRawBufferPointer
+
+    private let ownsLoop: Bool
+    private let loopThread: pthread_t
+    private let wakeup: UnsafeMutablePointer<uv_async_t>
+    private let inbox = Mutex<Inbox>(Inbox())
+
+    /// Resources that must be closed when the loop shuts down. Loop thread only.
+    private var resources: [ObjectIdentifier: any LoopResource] = [:]
+    private var isShutDown = false
+
+    private struct Inbox {
+        var work: [@Sendable () -> Void] = []
+        var isClosed = false
+    }
+
+    /// Creates a loop with its own `uv_loop_t` and starts a thread that runs it.
+    ///
+    /// Call ``shutdown()`` to stop the thread and free the loop; ``shared`` never needs it.
+    public init() {
+        raw = .allocate(capacity: 1)
+        precondition(uv_loop_init(raw) == 0, "uv_loop_init failed")
+        ownsLoop = true
+        readBuffer = .allocate(byteCount: 64 * 1024, alignment: 16)
+        wakeup = .allocate(capacity: 1)
+        precondition(uv_async_init(raw, wakeup, EventLoop.onWakeup) == 0, "uv_async_init failed")
+        loopThread = EventLoop.startThread(running: raw)
+        wakeup.pointee.data = Unmanaged.passUnretained(self).toOpaque()
+    }
+
+    /// Wraps a libuv loop that the caller runs, for embedding in an existing libuv program.
+    ///
+    /// Create it on the thread that runs `loop`, before or between runs of the loop. The wrapper
+    /// adds one unreferenced `uv_async_t` to the loop, so it never keeps `uv_run` from
+    /// returning by itself; open connections and timers do, as any libuv handle does. Call
+    /// ``shutdown()`` on the loop thread before closing the loop.
+    ///
+    /// - Parameter loop: A loop initialised with `uv_loop_init` (or `uv_default_loop()`).
+    public init(borrowing loop: UnsafeMutablePointer<uv_loop_t>) {
+        raw = loop
+        ownsLoop = false
+        readBuffer = .allocate(byteCount: 64 * 1024, alignment: 16)
+        wakeup = .allocate(capacity: 1)
+        precondition(uv_async_init(raw, wakeup, EventLoop.onWakeup) == 0, "uv_async_init failed")
+        uv_unref(wakeup.asHandle)
+        loopThread = pthread_self()
+        wakeup.pointee.data = Unmanaged.passUnretained(self).toOpaque()
+    }
+
+    /// Whether the calling thread is the one that runs this loop.
+    public var inEventLoop: Bool {
+        pthread_equal(pthread_self(), loopThread) != 0
+    }
+
+    /// Schedules `work` to run on the loop thread. Safe from any thread, including the loop's own
+    /// (the work then runs on a later turn of the loop, never re-entrantly).
+    ///
+    /// Work submitted after ``shutdown()`` is dropped.
+    public func execute(_ work: @escaping @Sendable () -> Void) {
+        let accepted = inbox.withLock { inbox -> Bool in
+            guard !inbox.isClosed else { return false }
+            inbox.work.append(work)
+            return true
+        }
+        if accepted { uv_async_send(wakeup) }
+    }
+
+    /// Closes every connection and timer still open on this loop, then its wake-up handle.
+    ///
+    /// For a loop made with ``init()`` this blocks until the loop thread has exited and frees the
+    /// loop; do not call it on the loop thread. For a borrowed loop call it on the loop thread;
+    /// the close callbacks run on the caller's next turn of the loop. Calling it twice does
+    /// nothing more.
+    public func shutdown() {
+        if ownsLoop {
+            precondition(!inEventLoop, "EventLoop.shutdown() of an owned loop must not be called on its own thread")
+            let wasClosed = inbox.withLock { $0.isClosed }
+            guard !wasClosed else { return }
+            execute { [self] in closeEverything() }
+            pthread_join(loopThread, nil)
+            precondition(uv_loop_close(raw) == 0, "a libuv handle outlived EventLoop.shutdown()")
+            raw.deallocate()
+        } else {
+            precondition(inEventLoop, "EventLoop.shutdown() of a borrowed loop must be called on the loop thread")
+            closeEverything()
+        }
+    }
+
+    deinit {
+        readBuffer.deallocate()
+    }
+
+    // MARK: - Loop-thread internals
+
+    /// Tracks a resource so that ``shutdown()`` can close it. Loop thread only.
+    func register(_ resource: any LoopResource) {
+        resources[ObjectIdentifier(resource)] = resource
+    }
+
+    /// Stops tracking a resource that has closed itself. Loop thread only.
+    func unregister(_ resource: any LoopResource) {
+        resources[ObjectIdentifier(resource)] = nil
+    }
+
+    /// Fails fast when loop-confined state is touched from another thread.
+    @inline(__always)
+    func assertInLoop(_ file: StaticString = #fileID, _ line: UInt = #line) {
+        assert(inEventLoop, "touched off the event loop thread", file: file, line: line)
+    }
+
+    private func closeEverything() {
+        guard !isShutDown else { return }
+        isShutDown = true
+        // Work queued up to now still runs: it may be the close of a lock a caller dropped.
+        drainInbox()
+        inbox.withLock { $0.isClosed = true }
+        while let resource = resources.values.first {
+            resources[ObjectIdentifier(resource)] = nil
+            resource.close()
+        }
+        uv_close(wakeup.asHandle, freeHandleOnClose)
+    }
+
+    private func drainInbox() {
+        let work = inbox.withLock { inbox -> [@Sendable () -> Void] in
+            let work = inbox.work
+            inbox.work.removeAll(keepingCapacity: true)
+            return work
+        }
+        for item in work { item() }
+    }
+
+    private static let onWakeup: uv_async_cb = { handle in
+        guard let data = handle?.pointee.data else { return }
+        Unmanaged<EventLoop>.fromOpaque(data).takeUnretainedValue().drainInbox()
+    }
+
+    private static func startThread(running loop: UnsafeMutablePointer<uv_loop_t>) -> pthread_t {
+        var thread = pthread_t()
+        let context = UnsafeMutableRawPointer(loop)
+        let result = pthread_create(&thread, nil, { context in
+            let loop = context!.assumingMemoryBound(to: uv_loop_t.self)
+            // The wake-up handle stays referenced until shutdown, so this returns only then.
+            while uv_run(loop, UV_RUN_DEFAULT) != 0 {}
+            return nil
+        }, context)
+        precondition(result == 0, "pthread_create failed: \(result)")
+        return thread
+    }
+}
+
+/// Something on the loop that holds libuv handles and must be closed before the loop stops.
+protocol LoopResource: AnyObject {
+    /// Closes the resource's handles through `uv_close`. Called on the loop thread; idempotent.
+    func close()
+}
