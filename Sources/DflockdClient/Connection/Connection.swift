@@ -69,7 +69,7 @@ public final class Connection: @unchecked Sendable {
     ///     reply is owed (a blocking acquire or wait adds its own timeout to the allowance).
     ///   - loop: The loop to run on.
     /// - Throws: ``LockError/invalidArgument(name:reason:)`` for a bad port, secret or timeout.
-    public init(host: String = "127.0.0.1",
+    public convenience init(host: String = "127.0.0.1",
                 port: Int = 6388,
                 tls: TLSOptions? = nil,
                 auth: String? = nil,
@@ -80,9 +80,16 @@ public final class Connection: @unchecked Sendable {
         if let auth { try Validation.secret(auth) }
         try Self.validate(milliseconds: connectTimeoutMs, name: "connectTimeoutMs")
         try Self.validate(milliseconds: socketTimeoutMs, name: "socketTimeoutMs")
-        self.endpoint = Endpoint(host: host, port: port)
+        self.init(endpoint: Endpoint(host: host, port: port),
+                  configuration: Configuration(tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs),
+                  loop: loop)
+    }
+
+    /// Creates a connection from options validated already.
+    init(endpoint: Endpoint, configuration: Configuration, loop: EventLoop) {
+        self.endpoint = endpoint
         self.loop = loop
-        self.configuration = Configuration(tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs)
+        self.configuration = configuration
     }
 
     deinit {
@@ -260,7 +267,7 @@ public final class Connection: @unchecked Sendable {
         }
     }
 
-    private static func validate(host: String, port: Int) throws(LockError) {
+    static func validate(host: String, port: Int) throws(LockError) {
         if host.isEmpty || host.utf8.contains(where: { $0 <= 0x20 }) {
             throw .invalidArgument(name: "host", reason: "must be a host name or IP address without whitespace, got \(host.debugDescription)")
         }
@@ -270,8 +277,8 @@ public final class Connection: @unchecked Sendable {
     }
 
     static func validate(milliseconds: Int?, name: String) throws(LockError) {
-        if let milliseconds, milliseconds < 0 {
-            throw .invalidArgument(name: name, reason: "must be 0 or more milliseconds, got \(milliseconds)")
+        if let milliseconds, milliseconds < 1 {
+            throw .invalidArgument(name: name, reason: "must be at least 1 millisecond (nil means no limit), got \(milliseconds)")
         }
     }
 }

@@ -14,6 +14,11 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
     case alreadyConnected(key: String)
     /// `release` on an instance that holds no connection (already released or closed).
     case notConnected(key: String)
+    /// An acquire, enqueue or wait is still in flight on this instance.
+    case operationInProgress(key: String)
+    /// The lock was lost while held: a renewal failed or the connection ended, and
+    /// `onLockLost` was called. Reported once, by the next `release()`.
+    case lockLost(key: String, token: String)
     /// `wait` before `enqueue`, or the server answered `error_not_enqueued`.
     case notEnqueued(key: String)
     /// The server answered `error_already_enqueued`: this connection already waits on the key.
@@ -64,6 +69,10 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
             return "lock '\(key)' is already connected; call release() or close() first, or pass force: true."
         case .notConnected(let key):
             return "lock '\(key)' has no open connection (already released or closed); acquire it first."
+        case .operationInProgress(let key):
+            return "an acquire, enqueue or wait on '\(key)' is still in progress; wait for it to finish (or close()) first."
+        case .lockLost(let key, let token):
+            return "lock '\(key)' (token \(token)) was lost while held: its lease could not be renewed or its connection ended, so another client may own it now. Treat work done under it as unprotected."
         case .notEnqueued(let key):
             return "'\(key)' is not enqueued on this connection; call enqueue() before wait()."
         case .alreadyEnqueued(let key):

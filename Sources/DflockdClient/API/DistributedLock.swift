@@ -1,0 +1,58 @@
+/// A distributed FIFO lock on one key of a dflockd server: the Swift form of the seed's
+/// `DistributedLock`.
+///
+/// ```swift
+/// let lock = try DistributedLock(key: "my-resource", acquireTimeoutS: 10, leaseTtlS: 20,
+///                                servers: [("127.0.0.1", 6388)])
+/// try await lock.withLock {
+///     // critical section
+/// }
+/// ```
+///
+/// Each instance is one session at a time, driven as an explicit state machine on its
+/// ``EventLoop`` (``LockState``: idle → connecting → queued → held → closed). While held, the
+/// lease is renewed every `lease × renewRatio` seconds by a libuv timer. Methods, completion
+/// handlers, errors and threading rules are documented on ``DistributedLease``.
+public final class DistributedLock: DistributedLease, @unchecked Sendable {
+    /// Creates a lock. Nothing touches the network until `acquire` or `enqueue`.
+    ///
+    /// - Parameters:
+    ///   - key: The lock's name: non-empty, at most 256 UTF-8 bytes, no whitespace.
+    ///   - acquireTimeoutS: Seconds to wait for the lock before giving up (0: try once).
+    ///   - leaseTtlS: Lease length in seconds; `nil` takes the server's default.
+    ///   - servers: `(host, port)` pairs; the key lives on the one `shardingStrategy` picks.
+    ///     Default `[("127.0.0.1", 6388)]`.
+    ///   - shardingStrategy: Maps `(key, servers.count)` to a server index.
+    ///   - host: Deprecated, use `servers`: used only when `servers` is `nil`.
+    ///   - port: Deprecated, use `servers`: used only when `servers` is `nil`.
+    ///   - renewRatio: Renew when this fraction of the lease has passed (0 < ratio < 1).
+    ///   - tls: TLS options; `TLSOptions()` verifies against the system CAs.
+    ///   - auth: The server's `--auth-token`, sent first on every connection.
+    ///   - onLockLost: Called with `(key, token)` on the loop thread when a held lock is lost
+    ///     (a renewal failed or the connection ended); the connection is closed by then.
+    ///   - connectTimeoutMs: Limit on connecting; `nil` waits as long as TCP does.
+    ///   - socketTimeoutMs: Close the connection when no byte arrives for this long while a
+    ///     reply is awaited (a blocking acquire or wait adds its own timeout).
+    ///   - loop: The loop that runs the lock.
+    /// - Throws: ``LockError/invalidArgument(name:reason:)`` naming the first invalid option.
+    public init(key: String,
+                acquireTimeoutS: Int = 10,
+                leaseTtlS: Int? = nil,
+                servers: [(String, Int)]? = nil,
+                shardingStrategy: @escaping ShardingStrategy = stableHashShard,
+                host: String? = nil,
+                port: Int? = nil,
+                renewRatio: Double = 0.5,
+                tls: TLSOptions? = nil,
+                auth: String? = nil,
+                onLockLost: (@Sendable (String, String) -> Void)? = nil,
+                connectTimeoutMs: Int? = nil,
+                socketTimeoutMs: Int? = nil,
+                loop: EventLoop = .shared) throws(LockError) {
+        let settings = try LeaseSettings(kind: .lock, key: key, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS,
+                                         servers: servers, shardingStrategy: shardingStrategy, host: host, port: port,
+                                         renewRatio: renewRatio, tls: tls, auth: auth, onLockLost: onLockLost,
+                                         connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs)
+        super.init(settings: settings, loop: loop)
+    }
+}

@@ -1,0 +1,92 @@
+/// The validated options of a lock or semaphore, and the commands that speak for it.
+struct LeaseSettings: Sendable {
+    enum Kind: Sendable, Hashable {
+        case lock
+        case semaphore(limit: Int)
+    }
+
+    let kind: Kind
+    let key: String
+    let acquireTimeoutS: Int
+    let leaseTtlS: Int?
+    let endpoint: Endpoint
+    let renewRatio: Double
+    let connection: Connection.Configuration
+    let onLockLost: (@Sendable (String, String) -> Void)?
+
+    /// Validates every option the way the initializers document, naming the option at fault.
+    init(kind: Kind,
+         key: String,
+         acquireTimeoutS: Int,
+         leaseTtlS: Int?,
+         servers: [(String, Int)]?,
+         shardingStrategy: ShardingStrategy,
+         host: String?,
+         port: Int?,
+         renewRatio: Double,
+         tls: TLSOptions?,
+         auth: String?,
+         onLockLost: (@Sendable (String, String) -> Void)?,
+         connectTimeoutMs: Int?,
+         socketTimeoutMs: Int?) throws(LockError) {
+        try Validation.key(key)
+        if case .semaphore(let limit) = kind { try Validation.limit(limit) }
+        try Validation.timeout(acquireTimeoutS, name: "acquireTimeoutS")
+        try Validation.lease(leaseTtlS, name: "leaseTtlS")
+        guard renewRatio.isFinite, renewRatio > 0, renewRatio < 1 else {
+            throw .invalidArgument(name: "renewRatio", reason: "must be between 0 and 1 (exclusive), got \(renewRatio)")
+        }
+        if let auth { try Validation.secret(auth, name: "auth") }
+        try Connection.validate(milliseconds: connectTimeoutMs, name: "connectTimeoutMs")
+        try Connection.validate(milliseconds: socketTimeoutMs, name: "socketTimeoutMs")
+
+        let servers = servers ?? [(host ?? "127.0.0.1", port ?? 6388)]
+        guard !servers.isEmpty else {
+            throw .invalidArgument(name: "servers", reason: "must name at least one (host, port)")
+        }
+        for (host, port) in servers {
+            try Connection.validate(host: host, port: port)
+        }
+        let index = shardingStrategy(key, servers.count)
+        guard servers.indices.contains(index) else {
+            throw .invalidArgument(name: "shardingStrategy", reason: "returned \(index) for \(servers.count) servers; it must return 0..<\(servers.count)")
+        }
+
+        self.kind = kind
+        self.key = key
+        self.acquireTimeoutS = acquireTimeoutS
+        self.leaseTtlS = leaseTtlS
+        self.endpoint = Endpoint(host: servers[index].0, port: servers[index].1)
+        self.renewRatio = renewRatio
+        self.connection = Connection.Configuration(tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs)
+        self.onLockLost = onLockLost
+    }
+
+    /// The wire request for one of the machine's outgoing messages. The key and token were
+    /// validated already (the token came from the server and was checked on decode), so a
+    /// failure here is reported as the request failing, not trapped.
+    func request(for outgoing: LeaseMachine.Outgoing) throws(LockError) -> Request {
+        switch (kind, outgoing) {
+        case (.lock, .acquire(let timeoutS)):
+            return try .acquire(key: key, timeoutS: timeoutS, leaseTtlS: leaseTtlS)
+        case (.lock, .enqueue):
+            return try .enqueue(key: key, leaseTtlS: leaseTtlS)
+        case (.lock, .wait(let timeoutS)):
+            return try .wait(key: key, timeoutS: timeoutS)
+        case (.lock, .renew(let token)):
+            return try .renew(key: key, token: token, leaseTtlS: leaseTtlS)
+        case (.lock, .release(let token)):
+            return try .release(key: key, token: token)
+        case (.semaphore(let limit), .acquire(let timeoutS)):
+            return try .semaphoreAcquire(key: key, limit: limit, timeoutS: timeoutS, leaseTtlS: leaseTtlS)
+        case (.semaphore(let limit), .enqueue):
+            return try .semaphoreEnqueue(key: key, limit: limit, leaseTtlS: leaseTtlS)
+        case (.semaphore, .wait(let timeoutS)):
+            return try .semaphoreWait(key: key, timeoutS: timeoutS)
+        case (.semaphore, .renew(let token)):
+            return try .semaphoreRenew(key: key, token: token, leaseTtlS: leaseTtlS)
+        case (.semaphore, .release(let token)):
+            return try .semaphoreRelease(key: key, token: token)
+        }
+    }
+}

@@ -1,0 +1,328 @@
+/// The life cycle of one lock (or semaphore slot) as a pure value: events in, actions out.
+///
+/// It owns no socket and no timer, so a unit test drives it with events alone. The driver
+/// (``DistributedLock``) performs the actions it returns, in order, and feeds back what the
+/// connection and timers report. Lock and semaphore share it: it names its requests abstractly
+/// (``Outgoing``) and the driver maps them to `l`/`sl` and friends.
+struct LeaseMachine: Sendable {
+    /// The caller-facing operations that can be in flight, one at a time.
+    enum Operation: Sendable, Hashable {
+        case acquire, enqueue, wait
+    }
+
+    /// How an operation ended.
+    enum Outcome: Sendable, Hashable {
+        /// Granted (acquire/wait true; enqueue `.acquired`).
+        case granted
+        /// Enqueue found the key taken and joined its queue.
+        case queued
+        /// The server's timeout passed (acquire/wait false).
+        case timedOut
+        case failed(LockError)
+    }
+
+    /// Requests the driver sends on the current connection.
+    enum Outgoing: Sendable, Hashable {
+        case acquire(timeoutS: Int)
+        case enqueue
+        case wait(timeoutS: Int)
+        case renew(token: String)
+        case release(token: String)
+    }
+
+    enum Event: Sendable, Hashable {
+        // From the caller.
+        case acquireRequested(force: Bool)
+        case enqueueRequested(force: Bool)
+        case waitRequested(timeoutS: Int)
+        case releaseRequested
+        case closeRequested
+        /// The caller's task was cancelled while an operation was in flight.
+        case cancelRequested
+        // From the connection.
+        case connected
+        /// The grant reached us; `sentAtMs` is when the request that earned it was sent.
+        case granted(Grant, sentAtMs: UInt64)
+        case enqueuedBehindHolder
+        case timedOut
+        case renewed(leaseS: Int, sentAtMs: UInt64)
+        case released
+        case requestFailed(LockError)
+        case connectionLost(LockError)
+        // From the timers.
+        case renewalDue
+    }
+
+    enum Action: Sendable, Hashable {
+        case openConnection
+        case closeConnection
+        case send(Outgoing)
+        case scheduleRenewal(afterMs: Int)
+        case cancelRenewal
+        /// Ends the operation in flight with `outcome`.
+        case finish(Operation, Outcome)
+        /// Ends the pending release: with success when `error` is nil.
+        case finishRelease(error: LockError?)
+        /// Rejects the request just made, leaving the machine as it was.
+        case reject(LockError)
+        /// Accepts the request just made as the operation in flight.
+        case accept(Operation)
+        /// Accepts the release just requested; ``finishRelease(_:)`` follows, now or later.
+        case acceptRelease
+        /// Calls `onLockLost(key, token)`.
+        case reportLockLost(token: String)
+        case stateChanged(LockState)
+    }
+
+    /// What the machine knows about a held grant.
+    struct Holding: Sendable, Hashable {
+        var grant: Grant
+        var leaseS: Int
+        /// When the lease ends by our own clock: the send time of the request that earned the
+        /// grant or the last renewal, plus the lease the server answered.
+        var deadlineMs: UInt64
+        var renewalInFlight = false
+    }
+
+    enum State: Sendable, Hashable {
+        case idle
+        case connecting(Operation)
+        /// Placed in the key's queue, or asking to be: `operation` is in flight when non-nil
+        /// (acquire or wait blocking, enqueue awaiting its answer), nil between enqueue and wait.
+        case queued(Operation?)
+        case held(Holding)
+        case releasing(token: String)
+        /// Released, closed, timed out or lost; `lostToken` is set after a lost lease until the
+        /// next acquisition, so that `release()` can say what happened.
+        case closed(lostToken: String?)
+    }
+
+    let key: String
+    let acquireTimeoutS: Int
+    let renewRatio: Double
+    private(set) var state = State.idle
+
+    init(key: String, acquireTimeoutS: Int, renewRatio: Double) {
+        self.key = key
+        self.acquireTimeoutS = acquireTimeoutS
+        self.renewRatio = renewRatio
+    }
+
+    /// The caller-facing state.
+    var publicState: LockState {
+        switch state {
+        case .idle: return .idle
+        case .connecting: return .connecting
+        case .queued: return .queued
+        case .held: return .held
+        case .releasing: return .releasing
+        case .closed: return .closed
+        }
+    }
+
+    /// The current grant, while held.
+    var holding: Holding? {
+        if case .held(let holding) = state { return holding }
+        return nil
+    }
+
+    private var isConnected: Bool {
+        switch state {
+        case .idle, .closed: return false
+        case .connecting, .queued, .held, .releasing: return true
+        }
+    }
+
+    private var operationInFlight: Operation? {
+        switch state {
+        case .connecting(let operation): return operation
+        case .queued(let operation): return operation
+        default: return nil
+        }
+    }
+
+    mutating func handle(_ event: Event) -> [Action] {
+        let before = publicState
+        var actions = transition(on: event)
+        if publicState != before { actions.append(.stateChanged(publicState)) }
+        return actions
+    }
+
+    private mutating func transition(on event: Event) -> [Action] {
+        switch event {
+        case .acquireRequested(let force):
+            return start(.acquire, force: force)
+        case .enqueueRequested(let force):
+            return start(.enqueue, force: force)
+        case .waitRequested(let timeoutS):
+            return startWait(timeoutS: timeoutS)
+        case .releaseRequested:
+            return release()
+        case .closeRequested:
+            return shutDown(failingWith: .closed)
+        case .cancelRequested:
+            guard operationInFlight != nil else { return [] }
+            return shutDown(failingWith: .cancelled)
+        case .connected:
+            return connected()
+        case .granted(let grant, let sentAtMs):
+            return granted(grant, sentAtMs: sentAtMs)
+        case .enqueuedBehindHolder:
+            guard case .queued(.enqueue) = state else { return [] }
+            state = .queued(nil)
+            return [.finish(.enqueue, .queued)]
+        case .timedOut:
+            guard case .queued(let operation?) = state, operation != .enqueue else { return [] }
+            state = .closed(lostToken: nil)
+            return [.closeConnection, .finish(operation, .timedOut)]
+        case .renewed(let leaseS, let sentAtMs):
+            guard case .held(var holding) = state else { return [] }
+            holding.renewalInFlight = false
+            holding.leaseS = leaseS
+            holding.deadlineMs = sentAtMs + UInt64(leaseS) * 1000
+            state = .held(holding)
+            return [.scheduleRenewal(afterMs: renewalDelayMs(leaseS: leaseS))]
+        case .released:
+            guard case .releasing = state else { return [] }
+            state = .closed(lostToken: nil)
+            return [.closeConnection, .finishRelease(error: nil)]
+        case .requestFailed(let error):
+            return requestFailed(error)
+        case .connectionLost(let error):
+            return connectionLost(error)
+        case .renewalDue:
+            guard case .held(var holding) = state, !holding.renewalInFlight else { return [] }
+            holding.renewalInFlight = true
+            state = .held(holding)
+            return [.send(.renew(token: holding.grant.token))]
+        }
+    }
+
+    private mutating func start(_ operation: Operation, force: Bool) -> [Action] {
+        var actions: [Action] = []
+        if isConnected {
+            guard force else { return [.reject(.alreadyConnected(key: key))] }
+            actions = shutDown(failingWith: .closed)
+        }
+        state = .connecting(operation)
+        return actions + [.accept(operation), .openConnection]
+    }
+
+    private mutating func startWait(timeoutS: Int) -> [Action] {
+        switch state {
+        case .held:
+            // The fast path of enqueue already holds the lock.
+            return [.accept(.wait), .finish(.wait, .granted)]
+        case .queued(nil):
+            state = .queued(.wait)
+            return [.accept(.wait), .send(.wait(timeoutS: timeoutS))]
+        case .queued(.some), .connecting:
+            return [.reject(.operationInProgress(key: key))]
+        case .idle, .closed, .releasing:
+            return [.reject(.notEnqueued(key: key))]
+        }
+    }
+
+    private mutating func release() -> [Action] {
+        switch state {
+        case .held(let holding):
+            state = .releasing(token: holding.grant.token)
+            return [.acceptRelease, .cancelRenewal, .send(.release(token: holding.grant.token))]
+        case .connecting, .queued:
+            // Nothing is held yet: leaving the queue is closing the session.
+            return [.acceptRelease] + shutDown(failingWith: .closed) + [.finishRelease(error: nil)]
+        case .releasing:
+            return [.reject(.notConnected(key: key))]
+        case .closed(let lostToken?):
+            state = .closed(lostToken: nil)
+            return [.reject(.lockLost(key: key, token: lostToken))]
+        case .idle, .closed(nil):
+            return [.reject(.notConnected(key: key))]
+        }
+    }
+
+    private mutating func connected() -> [Action] {
+        guard case .connecting(let operation) = state else { return [] }
+        state = .queued(operation)
+        switch operation {
+        case .acquire: return [.send(.acquire(timeoutS: acquireTimeoutS))]
+        case .enqueue: return [.send(.enqueue)]
+        case .wait: return []
+        }
+    }
+
+    private mutating func granted(_ grant: Grant, sentAtMs: UInt64) -> [Action] {
+        guard case .queued(let operation?) = state else { return [] }
+        state = .held(Holding(grant: grant, leaseS: grant.leaseS, deadlineMs: sentAtMs + UInt64(grant.leaseS) * 1000))
+        return [.scheduleRenewal(afterMs: renewalDelayMs(leaseS: grant.leaseS)), .finish(operation, .granted)]
+    }
+
+    private mutating func requestFailed(_ error: LockError) -> [Action] {
+        switch state {
+        case .held(let holding) where holding.renewalInFlight:
+            return lose(holding.grant.token)
+        case .releasing:
+            // The token no longer held the key; say so, and end the session either way.
+            state = .closed(lostToken: nil)
+            return [.closeConnection, .finishRelease(error: error)]
+        case .connecting, .queued:
+            return shutDown(failingWith: error)
+        default:
+            return []
+        }
+    }
+
+    private mutating func connectionLost(_ error: LockError) -> [Action] {
+        switch state {
+        case .held(let holding):
+            return lose(holding.grant.token)
+        case .releasing:
+            // The server releases everything of a closed session: the release happened.
+            state = .closed(lostToken: nil)
+            return [.closeConnection, .finishRelease(error: nil)]
+        case .connecting, .queued:
+            return shutDown(failingWith: error)
+        case .idle, .closed:
+            return []
+        }
+    }
+
+    private mutating func lose(_ token: String) -> [Action] {
+        state = .closed(lostToken: token)
+        return [.cancelRenewal, .closeConnection, .reportLockLost(token: token)]
+    }
+
+    /// Ends the session: closes the connection and fails the operation in flight, if any.
+    private mutating func shutDown(failingWith error: LockError) -> [Action] {
+        let operation = operationInFlight
+        let wasReleasing: Bool
+        if case .releasing = state { wasReleasing = true } else { wasReleasing = false }
+        let wasConnected = isConnected
+        if case .closed = state {} else { state = .closed(lostToken: nil) }
+        var actions: [Action] = []
+        if wasConnected { actions += [.cancelRenewal, .closeConnection] }
+        if let operation { actions.append(.finish(operation, .failed(error))) }
+        if wasReleasing { actions.append(.finishRelease(error: nil)) }
+        return actions
+    }
+
+    private func renewalDelayMs(leaseS: Int) -> Int {
+        max(1, Int((Double(leaseS) * 1000 * renewRatio).rounded(.down)))
+    }
+}
+
+/// Where a ``DistributedLock`` or ``DistributedSemaphore`` is in its life cycle.
+public enum LockState: Sendable, Hashable {
+    /// Never connected.
+    case idle
+    /// Opening the connection to the key's server.
+    case connecting
+    /// Asking for the key or waiting in its FIFO queue.
+    case queued
+    /// Holding the key; the lease is renewed in the background.
+    case held
+    /// A release is on its way to the server.
+    case releasing
+    /// Released, closed, timed out or lost. `acquire()` or `enqueue()` starts again.
+    case closed
+}

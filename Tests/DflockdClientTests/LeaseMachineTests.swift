@@ -1,0 +1,184 @@
+import Testing
+@testable import DflockdClient
+
+/// The lock's state machine driven by events alone: no socket, no timer, no loop.
+@Suite struct LeaseMachineTests {
+    private let grant = Grant(token: "4c6af3c93c83e0aa6ca56449a1d1c83f", leaseS: 20)
+
+    private func heldMachine() -> LeaseMachine {
+        var machine = LeaseMachine(key: "job", acquireTimeoutS: 10, renewRatio: 0.5)
+        _ = machine.handle(.acquireRequested(force: false))
+        _ = machine.handle(.connected)
+        _ = machine.handle(.granted(grant, sentAtMs: 1_000))
+        return machine
+    }
+
+    @Test func acquireWalksIdleConnectingQueuedHeld() {
+        var machine = LeaseMachine(key: "job", acquireTimeoutS: 7, renewRatio: 0.5)
+        #expect(machine.publicState == .idle)
+        #expect(machine.handle(.acquireRequested(force: false)) == [.accept(.acquire), .openConnection, .stateChanged(.connecting)])
+        #expect(machine.handle(.connected) == [.send(.acquire(timeoutS: 7)), .stateChanged(.queued)])
+        #expect(machine.handle(.granted(grant, sentAtMs: 1_000)) == [
+            .scheduleRenewal(afterMs: 10_000), .finish(.acquire, .granted), .stateChanged(.held),
+        ])
+        #expect(machine.holding?.grant == grant)
+        #expect(machine.holding?.deadlineMs == 21_000)
+    }
+
+    @Test func timeoutClosesTheSessionAndReportsFalse() {
+        var machine = LeaseMachine(key: "job", acquireTimeoutS: 1, renewRatio: 0.5)
+        _ = machine.handle(.acquireRequested(force: false))
+        _ = machine.handle(.connected)
+        #expect(machine.handle(.timedOut) == [.closeConnection, .finish(.acquire, .timedOut), .stateChanged(.closed)])
+        // Reusable: a new acquire starts over.
+        #expect(machine.handle(.acquireRequested(force: false)).contains(.openConnection))
+    }
+
+    @Test func acquireWhileConnectedIsRejectedUnlessForced() {
+        var machine = heldMachine()
+        #expect(machine.handle(.acquireRequested(force: false)) == [.reject(.alreadyConnected(key: "job"))])
+        #expect(machine.publicState == .held)
+        #expect(machine.handle(.acquireRequested(force: true)) == [
+            .cancelRenewal, .closeConnection, .accept(.acquire), .openConnection, .stateChanged(.connecting),
+        ])
+    }
+
+    @Test func renewalUpdatesLeaseAndDeadlineAndReschedules() {
+        var machine = heldMachine()
+        #expect(machine.handle(.renewalDue) == [.send(.renew(token: grant.token))])
+        // A second tick while the first renewal is in flight sends nothing more.
+        #expect(machine.handle(.renewalDue) == [])
+        #expect(machine.handle(.renewed(leaseS: 8, sentAtMs: 11_000)) == [.scheduleRenewal(afterMs: 4_000)])
+        #expect(machine.holding?.leaseS == 8)
+        #expect(machine.holding?.deadlineMs == 19_000)
+    }
+
+    @Test func failedRenewalLosesTheLockOnceAndLeavesItReusable() {
+        var machine = heldMachine()
+        _ = machine.handle(.renewalDue)
+        #expect(machine.handle(.requestFailed(.notHeld(key: "job"))) == [
+            .cancelRenewal, .closeConnection, .reportLockLost(token: grant.token), .stateChanged(.closed),
+        ])
+        // The connection's own close report arrives next and changes nothing.
+        #expect(machine.handle(.connectionLost(.connectionClosed(reason: "x"))) == [])
+        // release() then says what happened, once.
+        #expect(machine.handle(.releaseRequested) == [.reject(.lockLost(key: "job", token: grant.token))])
+        #expect(machine.handle(.releaseRequested) == [.reject(.notConnected(key: "job"))])
+        #expect(machine.handle(.acquireRequested(force: false)).contains(.openConnection))
+    }
+
+    @Test func connectionLostWhileHeldReportsTheLoss() {
+        var machine = heldMachine()
+        #expect(machine.handle(.connectionLost(.connectionClosed(reason: "EOF"))) == [
+            .cancelRenewal, .closeConnection, .reportLockLost(token: grant.token), .stateChanged(.closed),
+        ])
+    }
+
+    @Test func releaseSendsReleaseThenCloses() {
+        var machine = heldMachine()
+        #expect(machine.handle(.releaseRequested) == [
+            .acceptRelease, .cancelRenewal, .send(.release(token: grant.token)), .stateChanged(.releasing),
+        ])
+        #expect(machine.handle(.released) == [.closeConnection, .finishRelease(error: nil), .stateChanged(.closed)])
+        #expect(machine.handle(.releaseRequested) == [.reject(.notConnected(key: "job"))])
+    }
+
+    @Test func releaseWhoseConnectionDiedSucceeds() {
+        var machine = heldMachine()
+        _ = machine.handle(.releaseRequested)
+        #expect(machine.handle(.connectionLost(.connectionClosed(reason: "reset"))) == [
+            .closeConnection, .finishRelease(error: nil), .stateChanged(.closed),
+        ])
+    }
+
+    @Test func releaseRefusedByTheServerReportsNotHeld() {
+        var machine = heldMachine()
+        _ = machine.handle(.releaseRequested)
+        #expect(machine.handle(.requestFailed(.notHeld(key: "job"))) == [
+            .closeConnection, .finishRelease(error: .notHeld(key: "job")), .stateChanged(.closed),
+        ])
+    }
+
+    @Test func releaseOnNeverConnectedInstanceIsRejected() {
+        var machine = LeaseMachine(key: "job", acquireTimeoutS: 1, renewRatio: 0.5)
+        #expect(machine.handle(.releaseRequested) == [.reject(.notConnected(key: "job"))])
+    }
+
+    @Test func twoPhaseFastPathHoldsAndWaitIsTrueAtOnce() {
+        var machine = LeaseMachine(key: "two", acquireTimeoutS: 5, renewRatio: 0.5)
+        _ = machine.handle(.enqueueRequested(force: false))
+        #expect(machine.handle(.connected) == [.send(.enqueue), .stateChanged(.queued)])
+        #expect(machine.handle(.granted(grant, sentAtMs: 0)) == [
+            .scheduleRenewal(afterMs: 10_000), .finish(.enqueue, .granted), .stateChanged(.held),
+        ])
+        #expect(machine.handle(.waitRequested(timeoutS: 3)) == [.accept(.wait), .finish(.wait, .granted)])
+    }
+
+    @Test func twoPhaseQueuedThenWaitGranted() {
+        var machine = LeaseMachine(key: "two", acquireTimeoutS: 5, renewRatio: 0.5)
+        _ = machine.handle(.enqueueRequested(force: false))
+        _ = machine.handle(.connected)
+        #expect(machine.handle(.enqueuedBehindHolder) == [.finish(.enqueue, .queued)])
+        #expect(machine.publicState == .queued)
+        #expect(machine.handle(.waitRequested(timeoutS: 3)) == [.accept(.wait), .send(.wait(timeoutS: 3))])
+        #expect(machine.handle(.waitRequested(timeoutS: 3)) == [.reject(.operationInProgress(key: "two"))])
+        #expect(machine.handle(.granted(grant, sentAtMs: 0)).contains(.finish(.wait, .granted)))
+    }
+
+    @Test func waitBeforeEnqueueIsRejected() {
+        var machine = LeaseMachine(key: "two", acquireTimeoutS: 5, renewRatio: 0.5)
+        #expect(machine.handle(.waitRequested(timeoutS: 1)) == [.reject(.notEnqueued(key: "two"))])
+    }
+
+    @Test func closeFailsTheOperationInFlightAndIsIdempotent() {
+        var machine = LeaseMachine(key: "job", acquireTimeoutS: 5, renewRatio: 0.5)
+        _ = machine.handle(.acquireRequested(force: false))
+        #expect(machine.handle(.closeRequested) == [
+            .cancelRenewal, .closeConnection, .finish(.acquire, .failed(.closed)), .stateChanged(.closed),
+        ])
+        #expect(machine.handle(.closeRequested) == [])
+    }
+
+    @Test func cancelOnlyActsOnAnOperationInFlight() {
+        var held = heldMachine()
+        #expect(held.handle(.cancelRequested) == [])
+        var machine = LeaseMachine(key: "job", acquireTimeoutS: 5, renewRatio: 0.5)
+        _ = machine.handle(.acquireRequested(force: false))
+        _ = machine.handle(.connected)
+        #expect(machine.handle(.cancelRequested) == [
+            .cancelRenewal, .closeConnection, .finish(.acquire, .failed(.cancelled)), .stateChanged(.closed),
+        ])
+    }
+
+    @Test func serverRefusalFailsTheAcquire() {
+        var machine = LeaseMachine(key: "job", acquireTimeoutS: 5, renewRatio: 0.5)
+        _ = machine.handle(.acquireRequested(force: false))
+        _ = machine.handle(.connected)
+        #expect(machine.handle(.requestFailed(.maxLocks(key: "job"))).contains(.finish(.acquire, .failed(.maxLocks(key: "job")))))
+        #expect(machine.publicState == .closed)
+    }
+
+    @Test func staleRepliesAfterCloseAreIgnored() {
+        var machine = heldMachine()
+        _ = machine.handle(.closeRequested)
+        #expect(machine.handle(.granted(grant, sentAtMs: 0)) == [])
+        #expect(machine.handle(.renewed(leaseS: 5, sentAtMs: 0)) == [])
+        #expect(machine.handle(.renewalDue) == [])
+        #expect(machine.handle(.timedOut) == [])
+    }
+}
+
+@Suite struct ShardingTests {
+    /// The vectors of protocol.md: every official client must agree on placement.
+    @Test(arguments: [
+        ("my-resource", UInt32(1_352_043_018), [0, 0, 0, 3, 4]),
+        ("a", UInt32(3_904_355_907), [0, 1, 0, 2, 4]),
+        ("bench-0", UInt32(2_530_901_313), [0, 1, 0, 3, 3]),
+        ("clé-锁", UInt32(3_873_615_673), [0, 1, 1, 3, 4]),
+        ("orders/42", UInt32(370_287_966), [0, 0, 0, 1, 6]),
+    ])
+    func stableHashShardMatchesProtocolVectors(key: String, crc: UInt32, indices: [Int]) {
+        #expect(crc32(key.utf8) == crc)
+        #expect([1, 2, 3, 5, 7].map { stableHashShard(key, $0) } == indices)
+    }
+}
