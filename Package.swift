@@ -27,6 +27,11 @@ let package = Package(
             dependencies: ["DflockdClient"],
             path: "Examples/Demo"
         ),
+        .executableTarget(
+            name: "Embedded",
+            dependencies: ["DflockdClient", "CUV"],
+            path: "Examples/Embedded"
+        ),
         .testTarget(
             name: "DflockdClientTests",
             dependencies: ["DflockdClient", "CUV"],

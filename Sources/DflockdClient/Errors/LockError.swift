@@ -57,6 +57,7 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
     /// The instance or connection was closed by the caller while the operation was under way.
     case closed
 
+    /// What happened and what to do about it, in a sentence or two.
     public var description: String {
         switch self {
         case .acquireTimeout(let key):

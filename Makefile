@@ -1,0 +1,29 @@
+# dflockd Swift client: build, test and demo entry points.
+#   make setup   Debian packages (only if missing) + .venv with the dflockd test server
+#   make build   swift build (debug)
+#   make test    setup, then swift test (unit tests + tests against a real dflockd)
+#   make demo    setup, then run the Demo example against a real dflockd on a free port
+#   make clean   remove build products (.build); `make distclean` also removes .venv
+
+SWIFT ?= $(shell command -v swift 2>/dev/null || echo /opt/swift/usr/bin/swift)
+
+.PHONY: setup build test demo clean distclean
+
+setup:
+	@Tests/scripts/setup
+
+build:
+	$(SWIFT) build
+
+test: setup
+	$(SWIFT) test
+
+demo: setup
+	$(SWIFT) build --product Demo
+	Tests/scripts/with-server --append-port-arg -- "$$($(SWIFT) build --show-bin-path)/Demo"
+
+clean:
+	rm -rf .build
+
+distclean: clean
+	rm -rf .venv

@@ -1,0 +1,280 @@
+import Synchronization
+import Testing
+@testable import DflockdClient
+
+/// `DistributedLock` against the real dflockd 0.5.0 server.
+@Suite(.timeLimit(.minutes(2)))
+struct LockTests {
+    let server: RealServer
+
+    init() throws {
+        server = try RealServer.start()
+    }
+
+    private func lock(_ key: String, acquireTimeoutS: Int = 5, leaseTtlS: Int? = nil,
+                      onLockLost: (@Sendable (String, String) -> Void)? = nil) throws -> DistributedLock {
+        try DistributedLock(key: key, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS,
+                            servers: [("127.0.0.1", server.port)], onLockLost: onLockLost)
+    }
+
+    /// What another client sees: `timeout` while the key is held, a grant (released at once)
+    /// when it is free.
+    private func isHeldElsewhere(_ key: String, port: Int? = nil) throws -> Bool {
+        let client = try RawClient(port: port ?? server.port)
+        defer { client.close() }
+        let reply = try client.send("l", key, "0")
+        if reply == "timeout" { return true }
+        let fields = reply.split(separator: " ")
+        #expect(fields.first == "ok", "unexpected reply \(reply)")
+        _ = try client.send("r", key, String(fields[1]))
+        return false
+    }
+
+    @Test func acquireHoldsUntilRelease() async throws {
+        let lock = try lock("lock-basic")
+        #expect(lock.state == .idle)
+        #expect(try await lock.acquire())
+        #expect(lock.state == .held)
+        #expect(lock.token?.count == 32)
+        #expect(lock.lease == 33, "0.5.0's default lease")
+        #expect(try isHeldElsewhere("lock-basic"))
+        try await lock.release()
+        #expect(lock.state == .closed)
+        #expect(lock.token == nil)
+        #expect(try !isHeldElsewhere("lock-basic"))
+    }
+
+    @Test func secondLockTimesOutThenGetsTheKeyAfterRelease() async throws {
+        let first = try lock("lock-contended")
+        let second = try lock("lock-contended", acquireTimeoutS: 1)
+        #expect(try await first.acquire())
+        let started = ContinuousClock.now
+        #expect(try await second.acquire() == false)
+        #expect(ContinuousClock.now - started >= .milliseconds(900), "the server waited the acquire timeout")
+        #expect(second.state == .closed)
+        try await first.release()
+        #expect(try await second.acquire())
+        try await second.release()
+    }
+
+    @Test func fiveWaitersAreGrantedInFifoOrder() async throws {
+        let holder = try lock("lock-fifo")
+        #expect(try await holder.acquire())
+        var waiters: [DistributedLock] = []
+        for _ in 0..<5 {
+            let waiter = try lock("lock-fifo", acquireTimeoutS: 20)
+            // enqueue answers only once the server has queued us, so the queue order is ours.
+            #expect(try await waiter.enqueue() == .queued)
+            waiters.append(waiter)
+        }
+        let order = Mutex<[Int]>([])
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for (index, waiter) in waiters.enumerated() {
+                group.addTask {
+                    #expect(try await waiter.wait())
+                    order.withLock { $0.append(index) }
+                    try await waiter.release()
+                }
+            }
+            try await holder.release()
+            try await group.waitForAll()
+        }
+        #expect(order.withLock { $0 } == [0, 1, 2, 3, 4])
+    }
+
+    @Test func shortLeaseStaysHeldByRenewal() async throws {
+        let lock = try lock("lock-renewed", leaseTtlS: 2)
+        #expect(try await lock.acquire())
+        let token = lock.token
+        #expect(lock.lease == 2)
+        // Seven seconds is 3.5 leases: without renewal the key would be free well before.
+        for _ in 0..<7 {
+            try await Task.sleep(for: .seconds(1))
+            #expect(try isHeldElsewhere("lock-renewed"))
+            #expect(lock.state == .held)
+            #expect(lock.token == token)
+        }
+        // 0.5.0 answers a renewal with the seconds left, rounded down.
+        #expect(lock.lease == 1)
+        try await lock.release()
+    }
+
+    @Test func serverKilledWhileHeldReportsLockLostOnce() async throws {
+        let own = try RealServer.start()
+        let (lost, report) = AsyncStream<(String, String)>.makeStream()
+        let calls = Mutex(0)
+        let lock = try DistributedLock(key: "lock-killed", servers: [("127.0.0.1", own.port)], onLockLost: { key, token in
+            calls.withLock { $0 += 1 }
+            report.yield((key, token))
+        })
+        #expect(try await lock.acquire())
+        let token = try #require(lock.token)
+        own.kill()
+        var iterator = lost.makeAsyncIterator()
+        let first = await iterator.next()
+        #expect(first?.0 == "lock-killed")
+        #expect(first?.1 == token)
+        #expect(lock.state == .closed)
+        await lock.loop.roundTrip()
+        #expect(calls.withLock { $0 } == 1)
+        await #expect(throws: LockError.lockLost(key: "lock-killed", token: token)) { try await lock.release() }
+        await #expect(throws: LockError.notConnected(key: "lock-killed")) { try await lock.release() }
+    }
+
+    @Test func acquireWhileConnectedNeedsForce() async throws {
+        let lock = try lock("lock-force")
+        #expect(try await lock.acquire())
+        let firstToken = lock.token
+        await #expect(throws: LockError.alreadyConnected(key: "lock-force")) { try await lock.acquire() }
+        await #expect(throws: LockError.alreadyConnected(key: "lock-force")) { try await lock.enqueue() }
+        #expect(lock.state == .held, "a rejected call leaves the lock as it was")
+        // force closes the first session (the server frees the key) and acquires anew.
+        #expect(try await lock.acquire(force: true))
+        #expect(lock.token != firstToken)
+        try await lock.release()
+    }
+
+    @Test func releaseAfterCloseOrReleaseThrows() async throws {
+        let lock = try lock("lock-release-twice")
+        await #expect(throws: LockError.notConnected(key: "lock-release-twice")) { try await lock.release() }
+        #expect(try await lock.acquire())
+        lock.close()
+        lock.close()
+        await lock.loop.roundTrip()
+        #expect(lock.state == .closed)
+        await #expect(throws: LockError.notConnected(key: "lock-release-twice")) { try await lock.release() }
+        // close() sent no release, but ending the session freed the key on the server.
+        #expect(try !isHeldElsewhere("lock-release-twice"))
+    }
+
+    @Test func twoPhaseEnqueueAndWait() async throws {
+        let first = try lock("lock-two-phase")
+        let second = try lock("lock-two-phase")
+        await #expect(throws: LockError.notEnqueued(key: "lock-two-phase")) { try await second.wait(timeoutS: 1) }
+        #expect(try await first.enqueue() == .acquired)
+        #expect(first.state == .held)
+        #expect(try await first.wait(timeoutS: 1), "wait is true at once after the fast path")
+        #expect(try await second.enqueue() == .queued)
+        #expect(second.state == .queued)
+        #expect(try await second.wait(timeoutS: 1) == false)
+        #expect(second.state == .closed)
+        #expect(try await second.enqueue() == .queued)
+        async let granted = second.wait(timeoutS: 10)
+        try await first.release()
+        #expect(try await granted)
+        #expect(second.state == .held)
+        try await second.release()
+    }
+
+    @Test func withLockReleasesWhenTheBodyThrows() async throws {
+        struct BodyFailed: Error, Equatable {}
+        let lock = try lock("lock-with-throwing")
+        await #expect(throws: BodyFailed()) {
+            try await lock.withLock {
+                #expect(try isHeldElsewhere("lock-with-throwing"))
+                throw BodyFailed()
+            }
+        }
+        #expect(lock.state == .closed)
+        #expect(try !isHeldElsewhere("lock-with-throwing"))
+        let value = try await lock.withLock { 42 }
+        #expect(value == 42)
+    }
+
+    @Test func withLockTimesOutWithAcquireTimeout() async throws {
+        let holder = try lock("lock-with-timeout")
+        #expect(try await holder.acquire())
+        let late = try lock("lock-with-timeout", acquireTimeoutS: 0)
+        await #expect(throws: LockError.acquireTimeout(key: "lock-with-timeout")) {
+            try await late.withLock { Issue.record("the body must not run") }
+        }
+        try await holder.release()
+    }
+
+    @Test func cancelledAcquireEndsTheSessionAndLeavesTheLockReusable() async throws {
+        let holder = try lock("lock-cancel")
+        #expect(try await holder.acquire())
+        let waiter = try lock("lock-cancel", acquireTimeoutS: 30)
+        let task = Task { try await waiter.acquire() }
+        await waitUntil { waiter.state == .queued }
+        task.cancel()
+        await #expect(throws: LockError.cancelled) { try await task.value }
+        #expect(waiter.state == .closed)
+        try await holder.release()
+        #expect(try await waiter.acquire())
+        try await waiter.release()
+    }
+
+    @Test func completionHandlerFormRunsOnTheLoopThread() async throws {
+        let lock = try lock("lock-callbacks")
+        let loop = lock.loop
+        let results = await withCheckedContinuation { (done: CheckedContinuation<[String], Never>) in
+            lock.acquire { acquired in
+                var log = ["acquire \(acquired) onLoop=\(loop.inEventLoop)"]
+                lock.release { released in
+                    log.append("release \(released) onLoop=\(loop.inEventLoop)")
+                    done.resume(returning: log)
+                }
+            }
+        }
+        #expect(results == ["acquire success(true) onLoop=true", "release success() onLoop=true"])
+    }
+
+    @Test func eachKeyLivesOnTheServerStableHashShardPicks() async throws {
+        let others = [try RealServer.start(), try RealServer.start()]
+        let ports = [server.port, others[0].port, others[1].port]
+        let servers = ports.map { ("127.0.0.1", $0) }
+        for key in ["my-resource", "a", "bench-0", "clé-锁", "orders/42", "shard-x", "shard-y"] {
+            let lock = try DistributedLock(key: key, servers: servers)
+            #expect(try await lock.acquire())
+            let chosen = stableHashShard(key, 3)
+            for (index, port) in ports.enumerated() {
+                #expect(try isHeldElsewhere(key, port: port) == (index == chosen), "\(key) on server \(index)")
+            }
+            try await lock.release()
+        }
+    }
+
+    @Test func invalidOptionsThrowNamingTheOption() {
+        func option(_ make: () throws(LockError) -> DistributedLock) -> String? {
+            do {
+                _ = try make()
+                return nil
+            } catch {
+                if case .invalidArgument(let name, _) = error { return name }
+                return "\(error)"
+            }
+        }
+        #expect(option { try DistributedLock(key: "") } == "key")
+        #expect(option { try DistributedLock(key: "a b") } == "key")
+        #expect(option { try DistributedLock(key: "a\nr") } == "key")
+        #expect(option { try DistributedLock(key: "k", acquireTimeoutS: -1) } == "acquireTimeoutS")
+        #expect(option { try DistributedLock(key: "k", leaseTtlS: 0) } == "leaseTtlS")
+        #expect(option { try DistributedLock(key: "k", renewRatio: 0) } == "renewRatio")
+        #expect(option { try DistributedLock(key: "k", renewRatio: 1) } == "renewRatio")
+        #expect(option { try DistributedLock(key: "k", servers: []) } == "servers")
+        #expect(option { try DistributedLock(key: "k", servers: [("127.0.0.1", 0)]) } == "port")
+        #expect(option { try DistributedLock(key: "k", servers: [("a", 1), ("b", 2)], shardingStrategy: { _, _ in 2 }) } == "shardingStrategy")
+        #expect(option { try DistributedLock(key: "k", auth: "se\ncret") } == "auth")
+        #expect(option { try DistributedLock(key: "k", connectTimeoutMs: 0) } == "connectTimeoutMs")
+        #expect(option { try DistributedLock(key: "k", socketTimeoutMs: -5) } == "socketTimeoutMs")
+        #expect(option { try DistributedLock(key: "k", host: "127.0.0.1", port: 6389) } == nil)
+    }
+}
+
+extension EventLoop {
+    /// Returns after the loop has run everything queued so far, and the close callbacks those
+    /// turns scheduled.
+    func roundTrip() async {
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+            execute { self.execute { done.resume() } }
+        }
+    }
+}
+
+/// Polls a condition that has no event to await (a state reached on the loop thread).
+func waitUntil(_ condition: @Sendable () -> Bool) async {
+    while !condition() {
+        try? await Task.sleep(for: .milliseconds(5))
+    }
+}
