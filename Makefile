@@ -10,7 +10,7 @@ SWIFT ?= $(shell command -v swift 2>/dev/null || echo /opt/swift/usr/bin/swift)
 .PHONY: setup build test demo clean distclean
 
 setup:
-	@Tests/scripts/setup
+	@bash Tests/scripts/setup
 
 build:
 	$(SWIFT) build
@@ -20,7 +20,7 @@ test: setup
 
 demo: setup
 	$(SWIFT) build --product Demo
-	Tests/scripts/with-server --append-port-arg -- "$$($(SWIFT) build --show-bin-path)/Demo"
+	bash Tests/scripts/with-server --append-port-arg -- "$$($(SWIFT) build --show-bin-path)/Demo"
 
 clean:
 	rm -rf .build

@@ -67,19 +67,19 @@ struct LockTests {
             #expect(try await waiter.enqueue() == .queued)
             waiters.append(waiter)
         }
-        let order = Mutex<[Int]>([])
+        let order = Recorder<Int>()
         try await withThrowingTaskGroup(of: Void.self) { group in
             for (index, waiter) in waiters.enumerated() {
                 group.addTask {
                     #expect(try await waiter.wait())
-                    order.withLock { $0.append(index) }
+                    order.append(index)
                     try await waiter.release()
                 }
             }
             try await holder.release()
             try await group.waitForAll()
         }
-        #expect(order.withLock { $0 } == [0, 1, 2, 3, 4])
+        #expect(order.items == [0, 1, 2, 3, 4])
     }
 
     @Test func shortLeaseStaysHeldByRenewal() async throws {
@@ -102,9 +102,9 @@ struct LockTests {
     @Test func serverKilledWhileHeldReportsLockLostOnce() async throws {
         let own = try RealServer.start()
         let (lost, report) = AsyncStream<(String, String)>.makeStream()
-        let calls = Mutex(0)
+        let calls = Recorder<String>()
         let lock = try DistributedLock(key: "lock-killed", servers: [("127.0.0.1", own.port)], onLockLost: { key, token in
-            calls.withLock { $0 += 1 }
+            calls.append(token)
             report.yield((key, token))
         })
         #expect(try await lock.acquire())
@@ -116,7 +116,7 @@ struct LockTests {
         #expect(first?.1 == token)
         #expect(lock.state == .closed)
         await lock.loop.roundTrip()
-        #expect(calls.withLock { $0 } == 1)
+        #expect(calls.items.count == 1)
         await #expect(throws: LockError.lockLost(key: "lock-killed", token: token)) { try await lock.release() }
         await #expect(throws: LockError.notConnected(key: "lock-killed")) { try await lock.release() }
     }
@@ -245,20 +245,20 @@ struct LockTests {
                 return "\(error)"
             }
         }
-        #expect(option { try DistributedLock(key: "") } == "key")
-        #expect(option { try DistributedLock(key: "a b") } == "key")
-        #expect(option { try DistributedLock(key: "a\nr") } == "key")
-        #expect(option { try DistributedLock(key: "k", acquireTimeoutS: -1) } == "acquireTimeoutS")
-        #expect(option { try DistributedLock(key: "k", leaseTtlS: 0) } == "leaseTtlS")
-        #expect(option { try DistributedLock(key: "k", renewRatio: 0) } == "renewRatio")
-        #expect(option { try DistributedLock(key: "k", renewRatio: 1) } == "renewRatio")
-        #expect(option { try DistributedLock(key: "k", servers: []) } == "servers")
-        #expect(option { try DistributedLock(key: "k", servers: [("127.0.0.1", 0)]) } == "port")
-        #expect(option { try DistributedLock(key: "k", servers: [("a", 1), ("b", 2)], shardingStrategy: { _, _ in 2 }) } == "shardingStrategy")
-        #expect(option { try DistributedLock(key: "k", auth: "se\ncret") } == "auth")
-        #expect(option { try DistributedLock(key: "k", connectTimeoutMs: 0) } == "connectTimeoutMs")
-        #expect(option { try DistributedLock(key: "k", socketTimeoutMs: -5) } == "socketTimeoutMs")
-        #expect(option { try DistributedLock(key: "k", host: "127.0.0.1", port: 6389) } == nil)
+        #expect(option { () throws(LockError) in try DistributedLock(key: "") } == "key")
+        #expect(option { () throws(LockError) in try DistributedLock(key: "a b") } == "key")
+        #expect(option { () throws(LockError) in try DistributedLock(key: "a\nr") } == "key")
+        #expect(option { () throws(LockError) in try DistributedLock(key: "k", acquireTimeoutS: -1) } == "acquireTimeoutS")
+        #expect(option { () throws(LockError) in try DistributedLock(key: "k", leaseTtlS: 0) } == "leaseTtlS")
+        #expect(option { () throws(LockError) in try DistributedLock(key: "k", renewRatio: 0) } == "renewRatio")
+        #expect(option { () throws(LockError) in try DistributedLock(key: "k", renewRatio: 1) } == "renewRatio")
+        #expect(option { () throws(LockError) in try DistributedLock(key: "k", servers: []) } == "servers")
+        #expect(option { () throws(LockError) in try DistributedLock(key: "k", servers: [("127.0.0.1", 0)]) } == "port")
+        #expect(option { () throws(LockError) in try DistributedLock(key: "k", servers: [("a", 1), ("b", 2)], shardingStrategy: { _, _ in 2 }) } == "shardingStrategy")
+        #expect(option { () throws(LockError) in try DistributedLock(key: "k", auth: "se\ncret") } == "auth")
+        #expect(option { () throws(LockError) in try DistributedLock(key: "k", connectTimeoutMs: 0) } == "connectTimeoutMs")
+        #expect(option { () throws(LockError) in try DistributedLock(key: "k", socketTimeoutMs: -5) } == "socketTimeoutMs")
+        #expect(option { () throws(LockError) in try DistributedLock(key: "k", host: "127.0.0.1", port: 6389) } == nil)
     }
 }
 
@@ -270,6 +270,13 @@ extension EventLoop {
             execute { self.execute { done.resume() } }
         }
     }
+}
+
+/// Collects values from any thread.
+final class Recorder<Element: Sendable>: Sendable {
+    private let storage = Mutex<[Element]>([])
+    func append(_ element: Element) { storage.withLock { $0.append(element) } }
+    var items: [Element] { storage.withLock { $0 } }
 }
 
 /// Polls a condition that has no event to await (a state reached on the loop thread).

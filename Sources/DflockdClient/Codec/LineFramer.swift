@@ -25,11 +25,13 @@ struct LineFramer: Sendable {
             let end = UnsafeRawPointer(newline) - base
             let keepGoing: Bool
             if partial.isEmpty {
-                try Self.checkLength(end - start)
-                keepGoing = onLine(Self.trimmed(UnsafeRawBufferPointer(rebasing: bytes[start..<end])))
+                let line = Self.trimmed(UnsafeRawBufferPointer(rebasing: bytes[start..<end]))
+                try Self.checkLength(line.count)
+                keepGoing = onLine(line)
             } else {
-                try Self.checkLength(partial.count + end - start)
                 partial.append(contentsOf: bytes[start..<end])
+                let count = partial.last == 0x0D ? partial.count - 1 : partial.count
+                try Self.checkLength(count)
                 keepGoing = partial.withUnsafeBytes { onLine(Self.trimmed($0)) }
                 partial.removeAll(keepingCapacity: false)
             }
@@ -37,7 +39,8 @@ struct LineFramer: Sendable {
             if !keepGoing { return }
         }
         if start < bytes.count {
-            try Self.checkLength(partial.count + bytes.count - start)
+            // One byte more than the limit may still be the `\r` of a `\r\n`.
+            try Self.checkLength(partial.count + bytes.count - start - 1)
             partial.append(contentsOf: bytes[start...])
         }
     }
