@@ -19,7 +19,7 @@ import Testing
         #expect(machine.handle(.acquireRequested(force: false)) == [.accept(.acquire), .openConnection, .stateChanged(.connecting)])
         #expect(machine.handle(.connected) == [.send(.acquire(timeoutS: 7)), .stateChanged(.queued)])
         #expect(machine.handle(.granted(grant, sentAtMs: 1_000)) == [
-            .scheduleRenewal(afterMs: 10_000), .finish(.acquire, .granted), .stateChanged(.held),
+            .scheduleTimer(afterMs: 10_000), .finish(.acquire, .granted), .stateChanged(.held),
         ])
         #expect(machine.holding?.grant == grant)
         #expect(machine.holding?.deadlineMs == 21_000)
@@ -39,25 +39,57 @@ import Testing
         #expect(machine.handle(.acquireRequested(force: false)) == [.reject(.alreadyConnected(key: "job"))])
         #expect(machine.publicState == .held)
         #expect(machine.handle(.acquireRequested(force: true)) == [
-            .cancelRenewal, .closeConnection, .accept(.acquire), .openConnection, .stateChanged(.connecting),
+            .cancelTimer, .closeConnection, .accept(.acquire), .openConnection, .stateChanged(.connecting),
         ])
     }
 
     @Test func renewalUpdatesLeaseAndDeadlineAndReschedules() {
         var machine = heldMachine()
-        #expect(machine.handle(.renewalDue) == [.send(.renew(token: grant.token))])
-        // A second tick while the first renewal is in flight sends nothing more.
-        #expect(machine.handle(.renewalDue) == [])
-        #expect(machine.handle(.renewed(leaseS: 8, sentAtMs: 11_000)) == [.scheduleRenewal(afterMs: 4_000)])
+        // Granted at 1 s with 20 s: renew at 11 s, and wait for the answer until 21 s at most.
+        #expect(machine.handle(.timerFired(nowMs: 11_000)) == [.send(.renew(token: grant.token)), .scheduleTimer(afterMs: 10_000)])
+        // A tick while the renewal is in flight sends nothing more.
+        #expect(machine.handle(.timerFired(nowMs: 15_000)) == [.scheduleTimer(afterMs: 6_000)])
+        #expect(machine.handle(.renewed(leaseS: 8, sentAtMs: 11_000)) == [.scheduleTimer(afterMs: 4_000)])
         #expect(machine.holding?.leaseS == 8)
         #expect(machine.holding?.deadlineMs == 19_000)
     }
 
+    @Test func unansweredRenewalLosesTheLockAtTheLocalDeadline() {
+        var machine = heldMachine()
+        _ = machine.handle(.timerFired(nowMs: 11_000))
+        #expect(machine.handle(.timerFired(nowMs: 20_999)) == [.scheduleTimer(afterMs: 1)])
+        #expect(machine.handle(.timerFired(nowMs: 21_000)) == [
+            .cancelTimer, .closeConnection, .reportLockLost(token: grant.token), .stateChanged(.closed),
+        ])
+        // The renewal's answer, arriving after all, changes nothing.
+        #expect(machine.handle(.renewed(leaseS: 20, sentAtMs: 11_000)) == [])
+    }
+
+    @Test func aLateTimerPastTheDeadlineLosesTheLockWithoutRenewing() {
+        var machine = heldMachine()
+        #expect(machine.handle(.timerFired(nowMs: 30_000)).contains(.reportLockLost(token: grant.token)))
+    }
+
+    @Test func maxIdleCapsTheRenewalInterval() {
+        var machine = LeaseMachine(key: "job", acquireTimeoutS: 10, renewRatio: 0.5, maxIdleMs: 10_000)
+        _ = machine.handle(.acquireRequested(force: false))
+        _ = machine.handle(.connected)
+        let long = Grant(token: grant.token, leaseS: 60)
+        #expect(machine.handle(.granted(long, sentAtMs: 0)).first == .scheduleTimer(afterMs: 10_000))
+        _ = machine.handle(.timerFired(nowMs: 10_000))
+        #expect(machine.handle(.renewed(leaseS: 60, sentAtMs: 10_000)) == [.scheduleTimer(afterMs: 10_000)])
+        // A short lease still renews by the ratio.
+        var short = LeaseMachine(key: "job", acquireTimeoutS: 10, renewRatio: 0.5, maxIdleMs: 10_000)
+        _ = short.handle(.acquireRequested(force: false))
+        _ = short.handle(.connected)
+        #expect(short.handle(.granted(Grant(token: grant.token, leaseS: 4), sentAtMs: 0)).first == .scheduleTimer(afterMs: 2_000))
+    }
+
     @Test func failedRenewalLosesTheLockOnceAndLeavesItReusable() {
         var machine = heldMachine()
-        _ = machine.handle(.renewalDue)
+        _ = machine.handle(.timerFired(nowMs: 11_000))
         #expect(machine.handle(.requestFailed(.notHeld(key: "job"))) == [
-            .cancelRenewal, .closeConnection, .reportLockLost(token: grant.token), .stateChanged(.closed),
+            .cancelTimer, .closeConnection, .reportLockLost(token: grant.token), .stateChanged(.closed),
         ])
         // The connection's own close report arrives next and changes nothing.
         #expect(machine.handle(.connectionLost(.connectionClosed(reason: "x"))) == [])
@@ -70,14 +102,14 @@ import Testing
     @Test func connectionLostWhileHeldReportsTheLoss() {
         var machine = heldMachine()
         #expect(machine.handle(.connectionLost(.connectionClosed(reason: "EOF"))) == [
-            .cancelRenewal, .closeConnection, .reportLockLost(token: grant.token), .stateChanged(.closed),
+            .cancelTimer, .closeConnection, .reportLockLost(token: grant.token), .stateChanged(.closed),
         ])
     }
 
     @Test func releaseSendsReleaseThenCloses() {
         var machine = heldMachine()
         #expect(machine.handle(.releaseRequested) == [
-            .acceptRelease, .cancelRenewal, .send(.release(token: grant.token)), .stateChanged(.releasing),
+            .acceptRelease, .cancelTimer, .send(.release(token: grant.token)), .stateChanged(.releasing),
         ])
         #expect(machine.handle(.released) == [.closeConnection, .finishRelease(error: nil), .stateChanged(.closed)])
         #expect(machine.handle(.releaseRequested) == [.reject(.notConnected(key: "job"))])
@@ -109,7 +141,7 @@ import Testing
         _ = machine.handle(.enqueueRequested(force: false))
         #expect(machine.handle(.connected) == [.send(.enqueue), .stateChanged(.queued)])
         #expect(machine.handle(.granted(grant, sentAtMs: 0)) == [
-            .scheduleRenewal(afterMs: 10_000), .finish(.enqueue, .granted), .stateChanged(.held),
+            .scheduleTimer(afterMs: 10_000), .finish(.enqueue, .granted), .stateChanged(.held),
         ])
         #expect(machine.handle(.waitRequested(timeoutS: 3)) == [.accept(.wait), .finish(.wait, .granted)])
     }
@@ -134,7 +166,7 @@ import Testing
         var machine = LeaseMachine(key: "job", acquireTimeoutS: 5, renewRatio: 0.5)
         _ = machine.handle(.acquireRequested(force: false))
         #expect(machine.handle(.closeRequested) == [
-            .cancelRenewal, .closeConnection, .finish(.acquire, .failed(.closed)), .stateChanged(.closed),
+            .cancelTimer, .closeConnection, .finish(.acquire, .failed(.closed)), .stateChanged(.closed),
         ])
         #expect(machine.handle(.closeRequested) == [])
     }
@@ -146,7 +178,7 @@ import Testing
         _ = machine.handle(.acquireRequested(force: false))
         _ = machine.handle(.connected)
         #expect(machine.handle(.cancelRequested) == [
-            .cancelRenewal, .closeConnection, .finish(.acquire, .failed(.cancelled)), .stateChanged(.closed),
+            .cancelTimer, .closeConnection, .finish(.acquire, .failed(.cancelled)), .stateChanged(.closed),
         ])
     }
 
@@ -163,7 +195,7 @@ import Testing
         _ = machine.handle(.closeRequested)
         #expect(machine.handle(.granted(grant, sentAtMs: 0)) == [])
         #expect(machine.handle(.renewed(leaseS: 5, sentAtMs: 0)) == [])
-        #expect(machine.handle(.renewalDue) == [])
+        #expect(machine.handle(.timerFired(nowMs: 11_000)) == [])
         #expect(machine.handle(.timedOut) == [])
     }
 }

@@ -8,6 +8,10 @@ import Synchronization
 /// never before the method that took them has returned. The properties may be read from any
 /// thread; they show the state as of the loop's last step.
 public class DistributedLease: @unchecked Sendable {
+    /// The default longest gap between two renewals of a held lease: well under the 23-second
+    /// read timeout after which dflockd servers drop a silent connection and its locks.
+    public static let defaultMaxIdleMs = 10_000
+
     /// The key (lock name or semaphore name).
     public var key: String { settings.key }
     /// The loop this instance runs on.
@@ -18,12 +22,12 @@ public class DistributedLease: @unchecked Sendable {
     // Loop-confined.
     private var machine: LeaseMachine
     private var connection: Connection?
-    private var renewalTimer: LoopTimer?
+    /// Renewals and the local lease deadline share this one timer.
+    private var leaseTimer: LoopTimer?
     private var operation: PendingOperation?
     private var releaseCompletion: ((Result<Void, LockError>) -> Void)?
-    /// True while a caller's call is on the stack: completions are then deferred to a later
-    /// turn of the loop instead of running inside the call.
-    private var inCallerCall = false
+    /// Completions and callbacks produced by the current step, run once it is published.
+    private var deliveries: [() -> Void] = []
 
     private let published: Mutex<Published>
 
@@ -43,13 +47,14 @@ public class DistributedLease: @unchecked Sendable {
     init(settings: LeaseSettings, loop: EventLoop) {
         self.settings = settings
         self.loop = loop
-        self.machine = LeaseMachine(key: settings.key, acquireTimeoutS: settings.acquireTimeoutS, renewRatio: settings.renewRatio)
+        self.machine = LeaseMachine(key: settings.key, acquireTimeoutS: settings.acquireTimeoutS,
+                                    renewRatio: settings.renewRatio, maxIdleMs: settings.maxIdleMs)
         self.published = Mutex(Published(lease: settings.leaseTtlS ?? 0))
     }
 
     deinit {
         let connection = self.connection
-        let timer = self.renewalTimer
+        let timer = self.leaseTimer
         if connection != nil || timer != nil {
             loop.runOnLoop {
                 connection?.close()
@@ -71,6 +76,19 @@ public class DistributedLease: @unchecked Sendable {
 
     /// The fencing value of the current token (2.x servers); see ``fenceFromToken(_:)``.
     public var fence: UInt64? { token.flatMap(fenceFromToken) }
+
+    /// How long the current lease is still certain to be ours, by the client's own clock: from
+    /// when the request that earned the grant or the last renewal was *sent*, plus the lease the
+    /// server answered. `nil` when nothing is held.
+    ///
+    /// Check it right before a write that must not happen without the lock. When it reaches
+    /// zero without a renewal having moved it, the lock is declared lost (`onLockLost`) before
+    /// the server can grant it elsewhere.
+    public var leaseRemaining: Duration? {
+        guard let deadlineMs = published.withLock({ $0.deadlineMs }) else { return nil }
+        let nowMs = uv_hrtime() / 1_000_000
+        return deadlineMs > nowMs ? .milliseconds(Int64(deadlineMs - nowMs)) : .zero
+    }
 
     // MARK: - Completion-handler API
 
@@ -112,16 +130,9 @@ public class DistributedLease: @unchecked Sendable {
     /// keys itself.
     public func release(completion: @escaping (Result<Void, LockError>) -> Void) {
         loop.runOnLoop { [self] in
-            inCallerCall = true
-            defer { inCallerCall = false }
-            for action in machine.handle(.releaseRequested) {
-                switch action {
-                case .acceptRelease: releaseCompletion = completion
-                case .reject(let error): loop.runLater { completion(.failure(error)) }
-                default: perform(action)
-                }
-            }
-            publish()
+            drive(.releaseRequested, fromCaller: true,
+                  accept: { self.releaseCompletion = completion },
+                  reject: { error in completion(.failure(error)) })
         }
     }
 
@@ -129,11 +140,7 @@ public class DistributedLease: @unchecked Sendable {
     /// the connection end. An operation in flight fails with ``LockError/closed``. Idempotent;
     /// safe from any thread.
     public func close() {
-        loop.runOnLoop { [self] in
-            inCallerCall = true
-            defer { inCallerCall = false }
-            step(.closeRequested)
-        }
+        loop.runOnLoop { [self] in drive(.closeRequested, fromCaller: true) }
     }
 
     // MARK: - Async API
@@ -181,23 +188,39 @@ public class DistributedLease: @unchecked Sendable {
 
     private func callerCall(_ event: LeaseMachine.Event, operation newOperation: PendingOperation) {
         loop.runOnLoop { [self] in
-            inCallerCall = true
-            defer { inCallerCall = false }
-            for action in machine.handle(event) {
-                switch action {
-                case .accept: operation = newOperation
-                case .reject(let error): loop.runLater { Self.finish(newOperation, .failed(error)) }
-                default: perform(action)
-                }
-            }
-            publish()
+            drive(event, fromCaller: true,
+                  accept: { self.operation = newOperation },
+                  reject: { error in Self.finish(newOperation, .failed(error)) })
         }
     }
 
     /// Feeds one event from the connection or a timer.
     private func step(_ event: LeaseMachine.Event) {
-        for action in machine.handle(event) { perform(action) }
+        drive(event, fromCaller: false)
+    }
+
+    /// Feeds `event` to the machine and performs its actions; `accept` and `reject` settle the
+    /// caller's request that raised it. Completions run after the new state is published, so a
+    /// caller resumed by one sees the state that completed it; and when a caller's call is on
+    /// the stack, on a later turn of the loop, never inside that call.
+    private func drive(_ event: LeaseMachine.Event, fromCaller: Bool,
+                       accept: (() -> Void)? = nil, reject: ((LockError) -> Void)? = nil) {
+        for action in machine.handle(event) {
+            switch action {
+            case .accept, .acceptRelease: accept?()
+            case .reject(let error): deliveries.append { reject?(error) }
+            default: perform(action)
+            }
+        }
         publish()
+        guard !deliveries.isEmpty else { return }
+        let ready = deliveries
+        deliveries.removeAll()
+        if fromCaller {
+            loop.runLater { for delivery in ready { delivery() } }
+        } else {
+            for delivery in ready { delivery() }
+        }
     }
 
     private func perform(_ action: LeaseMachine.Action) {
@@ -207,16 +230,20 @@ public class DistributedLease: @unchecked Sendable {
         case .closeConnection:
             connection?.close()
             connection = nil
-            renewalTimer?.close()
-            renewalTimer = nil
+            leaseTimer?.close()
+            leaseTimer = nil
         case .send(let outgoing):
             send(outgoing)
-        case .scheduleRenewal(let milliseconds):
-            let timer = renewalTimer ?? LoopTimer(loop: loop) { [weak self] in self?.step(.renewalDue) }
-            renewalTimer = timer
+        case .scheduleTimer(let milliseconds):
+            let timer = leaseTimer ?? LoopTimer(loop: loop) { [weak self] in
+                guard let self else { return }
+                uv_update_time(loop.raw)
+                step(.timerFired(nowMs: uv_now(loop.raw)))
+            }
+            leaseTimer = timer
             timer.schedule(afterMilliseconds: milliseconds)
-        case .cancelRenewal:
-            renewalTimer?.cancel()
+        case .cancelTimer:
+            leaseTimer?.cancel()
         case .finish(_, let outcome):
             guard let finished = operation else { return }
             operation = nil
@@ -236,7 +263,7 @@ public class DistributedLease: @unchecked Sendable {
     }
 
     private func deliver(_ body: @escaping () -> Void) {
-        if inCallerCall { loop.runLater(body) } else { body() }
+        deliveries.append(body)
     }
 
     private static func finish(_ operation: PendingOperation, _ outcome: LeaseMachine.Outcome) {
@@ -282,6 +309,8 @@ public class DistributedLease: @unchecked Sendable {
             loop.runLater { [self] in step(.requestFailed(error)) }
             return
         }
+        // The loop's cached time is from before this turn's work: an early send time only
+        // makes the local deadline more cautious.
         let sentAtMs = uv_now(loop.raw)
         connection.send(request) { [weak self, weak connection] result in
             guard let self, let connection, self.connection === connection else { return }

@@ -33,6 +33,10 @@ public final class DistributedLock: DistributedLease, @unchecked Sendable {
     ///   - connectTimeoutMs: Limit on connecting; `nil` waits as long as TCP does.
     ///   - socketTimeoutMs: Close the connection when no byte arrives for this long while a
     ///     reply is awaited (a blocking acquire or wait adds its own timeout).
+    ///   - maxIdleMs: The longest gap between renewals, whatever the lease: servers close a
+    ///     connection that sends nothing for their `--read-timeout` (23 s by default) and
+    ///     release its locks. The default, 10 s, is safely under that; `nil` renews by
+    ///     `renewRatio` alone.
     ///   - loop: The loop that runs the lock.
     /// - Throws: ``LockError/invalidArgument(name:reason:)`` naming the first invalid option.
     public init(key: String,
@@ -48,11 +52,13 @@ public final class DistributedLock: DistributedLease, @unchecked Sendable {
                 onLockLost: (@Sendable (String, String) -> Void)? = nil,
                 connectTimeoutMs: Int? = nil,
                 socketTimeoutMs: Int? = nil,
+                maxIdleMs: Int? = DistributedLease.defaultMaxIdleMs,
                 loop: EventLoop = .shared) throws(LockError) {
         let settings = try LeaseSettings(kind: .lock, key: key, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS,
                                          servers: servers, shardingStrategy: shardingStrategy, host: host, port: port,
                                          renewRatio: renewRatio, tls: tls, auth: auth, onLockLost: onLockLost,
-                                         connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs)
+                                         connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs,
+                                         maxIdleMs: maxIdleMs)
         super.init(settings: settings, loop: loop)
     }
 }

@@ -11,6 +11,7 @@ struct LeaseSettings: Sendable {
     let leaseTtlS: Int?
     let endpoint: Endpoint
     let renewRatio: Double
+    let maxIdleMs: Int?
     let connection: Connection.Configuration
     let onLockLost: (@Sendable (String, String) -> Void)?
 
@@ -28,7 +29,8 @@ struct LeaseSettings: Sendable {
          auth: String?,
          onLockLost: (@Sendable (String, String) -> Void)?,
          connectTimeoutMs: Int?,
-         socketTimeoutMs: Int?) throws(LockError) {
+         socketTimeoutMs: Int?,
+         maxIdleMs: Int?) throws(LockError) {
         try Validation.key(key)
         if case .semaphore(let limit) = kind { try Validation.limit(limit) }
         try Validation.timeout(acquireTimeoutS, name: "acquireTimeoutS")
@@ -39,6 +41,7 @@ struct LeaseSettings: Sendable {
         if let auth { try Validation.secret(auth, name: "auth") }
         try Connection.validate(milliseconds: connectTimeoutMs, name: "connectTimeoutMs")
         try Connection.validate(milliseconds: socketTimeoutMs, name: "socketTimeoutMs")
+        try Connection.validate(milliseconds: maxIdleMs, name: "maxIdleMs")
 
         let servers = servers ?? [(host ?? "127.0.0.1", port ?? 6388)]
         guard !servers.isEmpty else {
@@ -58,6 +61,7 @@ struct LeaseSettings: Sendable {
         self.leaseTtlS = leaseTtlS
         self.endpoint = Endpoint(host: servers[index].0, port: servers[index].1)
         self.renewRatio = renewRatio
+        self.maxIdleMs = maxIdleMs
         self.connection = Connection.Configuration(tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs)
         self.onLockLost = onLockLost
     }

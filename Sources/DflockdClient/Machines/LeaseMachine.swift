@@ -49,16 +49,17 @@ struct LeaseMachine: Sendable {
         case released
         case requestFailed(LockError)
         case connectionLost(LockError)
-        // From the timers.
-        case renewalDue
+        /// The lease timer fired: renew, or, with a renewal unanswered, check the deadline.
+        case timerFired(nowMs: UInt64)
     }
 
     enum Action: Sendable, Hashable {
         case openConnection
         case closeConnection
         case send(Outgoing)
-        case scheduleRenewal(afterMs: Int)
-        case cancelRenewal
+        /// (Re)starts the one lease timer: it fires ``Event/timerFired(nowMs:)``.
+        case scheduleTimer(afterMs: Int)
+        case cancelTimer
         /// Ends the operation in flight with `outcome`.
         case finish(Operation, Outcome)
         /// Ends the pending release: with success when `error` is nil.
@@ -100,12 +101,16 @@ struct LeaseMachine: Sendable {
     let key: String
     let acquireTimeoutS: Int
     let renewRatio: Double
+    /// The longest gap between two requests on a held connection: servers close a connection
+    /// that sends nothing for their read timeout (23 s by default), releasing its locks.
+    let maxIdleMs: Int?
     private(set) var state = State.idle
 
-    init(key: String, acquireTimeoutS: Int, renewRatio: Double) {
+    init(key: String, acquireTimeoutS: Int, renewRatio: Double, maxIdleMs: Int? = nil) {
         self.key = key
         self.acquireTimeoutS = acquireTimeoutS
         self.renewRatio = renewRatio
+        self.maxIdleMs = maxIdleMs
     }
 
     /// The caller-facing state.
@@ -181,7 +186,7 @@ struct LeaseMachine: Sendable {
             holding.leaseS = leaseS
             holding.deadlineMs = sentAtMs + UInt64(leaseS) * 1000
             state = .held(holding)
-            return [.scheduleRenewal(afterMs: renewalDelayMs(leaseS: leaseS))]
+            return [.scheduleTimer(afterMs: renewalDelayMs(leaseS: leaseS))]
         case .released:
             guard case .releasing = state else { return [] }
             state = .closed(lostToken: nil)
@@ -190,12 +195,25 @@ struct LeaseMachine: Sendable {
             return requestFailed(error)
         case .connectionLost(let error):
             return connectionLost(error)
-        case .renewalDue:
-            guard case .held(var holding) = state, !holding.renewalInFlight else { return [] }
-            holding.renewalInFlight = true
-            state = .held(holding)
-            return [.send(.renew(token: holding.grant.token))]
+        case .timerFired(let nowMs):
+            return timerFired(nowMs: nowMs)
         }
+    }
+
+    /// Renews when due; with a renewal unanswered, the timer waits for the local deadline, and
+    /// reaching it loses the lock before the server can hand it to someone else.
+    private mutating func timerFired(nowMs: UInt64) -> [Action] {
+        guard case .held(var holding) = state else { return [] }
+        if nowMs >= holding.deadlineMs {
+            return lose(holding.grant.token)
+        }
+        let untilDeadline = Int(holding.deadlineMs - nowMs)
+        if holding.renewalInFlight {
+            return [.scheduleTimer(afterMs: untilDeadline)]
+        }
+        holding.renewalInFlight = true
+        state = .held(holding)
+        return [.send(.renew(token: holding.grant.token)), .scheduleTimer(afterMs: untilDeadline)]
     }
 
     private mutating func start(_ operation: Operation, force: Bool) -> [Action] {
@@ -227,7 +245,7 @@ struct LeaseMachine: Sendable {
         switch state {
         case .held(let holding):
             state = .releasing(token: holding.grant.token)
-            return [.acceptRelease, .cancelRenewal, .send(.release(token: holding.grant.token))]
+            return [.acceptRelease, .cancelTimer, .send(.release(token: holding.grant.token))]
         case .connecting, .queued:
             // Nothing is held yet: leaving the queue is closing the session.
             return [.acceptRelease] + shutDown(failingWith: .closed) + [.finishRelease(error: nil)]
@@ -254,7 +272,7 @@ struct LeaseMachine: Sendable {
     private mutating func granted(_ grant: Grant, sentAtMs: UInt64) -> [Action] {
         guard case .queued(let operation?) = state else { return [] }
         state = .held(Holding(grant: grant, leaseS: grant.leaseS, deadlineMs: sentAtMs + UInt64(grant.leaseS) * 1000))
-        return [.scheduleRenewal(afterMs: renewalDelayMs(leaseS: grant.leaseS)), .finish(operation, .granted)]
+        return [.scheduleTimer(afterMs: renewalDelayMs(leaseS: grant.leaseS)), .finish(operation, .granted)]
     }
 
     private mutating func requestFailed(_ error: LockError) -> [Action] {
@@ -289,7 +307,7 @@ struct LeaseMachine: Sendable {
 
     private mutating func lose(_ token: String) -> [Action] {
         state = .closed(lostToken: token)
-        return [.cancelRenewal, .closeConnection, .reportLockLost(token: token)]
+        return [.cancelTimer, .closeConnection, .reportLockLost(token: token)]
     }
 
     /// Ends the session: closes the connection and fails the operation in flight, if any.
@@ -300,14 +318,15 @@ struct LeaseMachine: Sendable {
         let wasConnected = isConnected
         if case .closed = state {} else { state = .closed(lostToken: nil) }
         var actions: [Action] = []
-        if wasConnected { actions += [.cancelRenewal, .closeConnection] }
+        if wasConnected { actions += [.cancelTimer, .closeConnection] }
         if let operation { actions.append(.finish(operation, .failed(error))) }
         if wasReleasing { actions.append(.finishRelease(error: nil)) }
         return actions
     }
 
     private func renewalDelayMs(leaseS: Int) -> Int {
-        max(1, Int((Double(leaseS) * 1000 * renewRatio).rounded(.down)))
+        let byRatio = max(1, Int((Double(leaseS) * 1000 * renewRatio).rounded(.down)))
+        return maxIdleMs.map { min(byRatio, $0) } ?? byRatio
     }
 }
 
