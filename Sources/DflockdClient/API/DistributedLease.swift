@@ -129,7 +129,7 @@ public class DistributedLease: @unchecked Sendable {
     /// release whose connection had already died succeeds: the server releases a dead session's
     /// keys itself.
     public func release(completion: @escaping (Result<Void, LockError>) -> Void) {
-        loop.runOnLoop { [self] in
+        loop.runOnLoop(ifShutDown: { completion(.failure(.eventLoopShutDown)) }) { [self] in
             drive(.releaseRequested, fromCaller: true,
                   accept: { self.releaseCompletion = completion },
                   reject: { error in completion(.failure(error)) })
@@ -187,7 +187,7 @@ public class DistributedLease: @unchecked Sendable {
     // MARK: - Driving the machine
 
     private func callerCall(_ event: LeaseMachine.Event, operation newOperation: PendingOperation) {
-        loop.runOnLoop { [self] in
+        loop.runOnLoop(ifShutDown: { Self.finish(newOperation, .failed(.eventLoopShutDown)) }) { [self] in
             drive(event, fromCaller: true,
                   accept: { self.operation = newOperation },
                   reject: { error in Self.finish(newOperation, .failed(error)) })
@@ -346,7 +346,7 @@ public class DistributedLease: @unchecked Sendable {
         return try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Value, any Error>) in
                 let resume: (Result<Value, LockError>) -> Void = { continuation.resume(with: $0.mapError { $0 as any Error }) }
-                loop.runOnLoop {
+                loop.runOnLoop(ifShutDown: { resume(.failure(.eventLoopShutDown)) }) {
                     if cancelled.withLock({ $0 }) {
                         resume(.failure(.cancelled))
                     } else {

@@ -39,9 +39,13 @@ struct LineFramer: Sendable {
             if !keepGoing { return }
         }
         if start < bytes.count {
-            // One byte more than the limit may still be the `\r` of a `\r\n`.
-            try Self.checkLength(partial.count + bytes.count - start - 1)
             partial.append(contentsOf: bytes[start...])
+            // One byte past the limit may still be the `\r` of a `\r\n`; anything else is over.
+            let excess = partial.count - Self.maximumLineBytes
+            if excess > 1 || (excess == 1 && partial.last != 0x0D) {
+                partial.removeAll()
+                try Self.checkLength(Self.maximumLineBytes + excess)
+            }
         }
     }
 

@@ -1,8 +1,9 @@
 /// Checks applied to every caller-supplied value before it is encoded: whatever fails here never
 /// reaches the wire. A newline in a key or token would otherwise inject a second command.
 enum Validation {
-    /// The longest key, token or argument line a server accepts, in UTF-8 bytes.
-    static let maximumLineBytes = 256
+    /// The longest key, token or argument a server accepts, in UTF-8 bytes: dflockd 0.5.0
+    /// counts the line break against its 256-byte line limit.
+    static let maximumLineBytes = 255
     /// The longest auth secret the Go server accepts, in UTF-8 bytes.
     static let maximumSecretBytes = 64 * 1024
 

@@ -162,7 +162,7 @@ extension Connection {
     private func perform<Value>(_ makeRequest: @escaping () throws(LockError) -> Request,
                                 _ completion: @escaping (Result<Value, LockError>) -> Void,
                                 _ transform: @escaping (Reply) -> Value?) {
-        loop.runOnLoop { [self] in
+        loop.runOnLoop(ifShutDown: { completion(.failure(.eventLoopShutDown)) }) { [self] in
             let request: Request
             do throws(LockError) {
                 request = try makeRequest()
@@ -185,9 +185,8 @@ extension Connection {
     func bridge<Value: Sendable>(_ start: @escaping (@escaping (Result<Value, LockError>) -> Void) -> Void) async throws -> Value {
         try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Value, any Error>) in
-                loop.runOnLoop {
-                    start { continuation.resume(with: $0.mapError { $0 as any Error }) }
-                }
+                let resume: (Result<Value, LockError>) -> Void = { continuation.resume(with: $0.mapError { $0 as any Error }) }
+                loop.runOnLoop(ifShutDown: { resume(.failure(.eventLoopShutDown)) }) { start(resume) }
             }
         } onCancel: {
             self.cancel()

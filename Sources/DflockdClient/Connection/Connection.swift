@@ -38,6 +38,8 @@ public final class Connection: @unchecked Sendable {
     /// Keeps the connection alive while replies are owed, so every completion handler runs even
     /// if the caller dropped its reference.
     private var selfWhileBusy: Connection?
+    /// Whether `auth` (when configured) has been answered `ok`: only then is the connection ready.
+    private var isAuthenticated = false
 
     struct Configuration: Sendable {
         var tls: TLSOptions?
@@ -93,16 +95,21 @@ public final class Connection: @unchecked Sendable {
     }
 
     deinit {
-        replyTimer.map { timer in loop.runOnLoop { timer.close() } }
-        transport.map { transport in loop.runOnLoop { transport.close() } }
+        let identifier = ObjectIdentifier(self)
+        let (loop, timer, transport) = (self.loop, replyTimer, self.transport)
+        loop.runOnLoop {
+            loop.unregister(identifier)
+            timer?.close()
+            transport?.close()
+        }
     }
 
     /// Opens the connection (and authenticates, when a secret is set) if it is not open yet.
     /// The completion reports when it is ready, or why it cannot be.
     public func connect(completion: @escaping (Result<Void, LockError>) -> Void) {
-        loop.runOnLoop { [self] in
+        loop.runOnLoop(ifShutDown: { completion(.failure(.eventLoopShutDown)) }) { [self] in
             switch phase {
-            case .open where connectWaiters.isEmpty:
+            case .open where isAuthenticated || configuration.auth == nil:
                 loop.runLater { completion(.success(())) }
             case .closed(let error):
                 loop.runLater { completion(.failure(error)) }
@@ -140,6 +147,11 @@ public final class Connection: @unchecked Sendable {
             return
         }
         startIfIdle()
+        // Connecting can fail at once (inside uv_tcp_connect), closing the connection.
+        if case .closed(let error) = phase {
+            loop.runLater { completion(.failure(error)) }
+            return
+        }
         append(request, completion: completion)
     }
 
@@ -167,6 +179,7 @@ public final class Connection: @unchecked Sendable {
     private func startIfIdle() {
         guard case .idle = phase else { return }
         phase = .connecting
+        loop.register(self)
         let transport: any Transport
         if configuration.tls != nil {
             // TLS is wired in by the TLS transport; until then say so instead of sending plain text.
@@ -189,6 +202,7 @@ public final class Connection: @unchecked Sendable {
             end(with: error, notifyDelegate: true)
             return
         }
+        isAuthenticated = true
         finishConnecting(.success(()))
     }
 
@@ -243,7 +257,9 @@ public final class Connection: @unchecked Sendable {
         }
         replyTimer = timer
         // A blocking acquire or wait is silent on purpose until its own timeout.
-        timer.schedule(afterMilliseconds: milliseconds + (head.request.blockingSeconds ?? 0) * 1000)
+        let blocking = (head.request.blockingSeconds ?? 0).multipliedReportingOverflow(by: 1000)
+        let allowance = milliseconds.addingReportingOverflow(blocking.partialValue)
+        timer.schedule(afterMilliseconds: blocking.overflow || allowance.overflow ? Int.max : allowance.partialValue)
     }
 
     // MARK: - Ending
@@ -251,6 +267,7 @@ public final class Connection: @unchecked Sendable {
     /// Closes the transport and fails everything outstanding with `error`. Idempotent.
     private func end(with error: LockError, notifyDelegate: Bool) {
         if case .closed = phase { return }
+        if case .idle = phase {} else { loop.unregister(self) }
         phase = .closed(error)
         transport?.close()
         transport = nil
@@ -280,6 +297,12 @@ public final class Connection: @unchecked Sendable {
         if let milliseconds, milliseconds < 1 {
             throw .invalidArgument(name: name, reason: "must be at least 1 millisecond (nil means no limit), got \(milliseconds)")
         }
+    }
+}
+
+extension Connection: LoopResource {
+    func closeForShutdown() {
+        end(with: .eventLoopShutDown, notifyDelegate: true)
     }
 }
 

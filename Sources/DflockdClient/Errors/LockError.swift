@@ -54,6 +54,8 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
     case tls(reason: String)
     /// The operation was cancelled (its Task was cancelled); the connection was closed.
     case cancelled
+    /// The ``EventLoop`` this object runs on was shut down; its connections are closed.
+    case eventLoopShutDown
     /// The instance or connection was closed by the caller while the operation was under way.
     case closed
 
@@ -108,6 +110,8 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
             return "TLS failed: \(reason)."
         case .cancelled:
             return "the operation was cancelled; its connection was closed, so the server dropped any wait or hold it had."
+        case .eventLoopShutDown:
+            return "the event loop was shut down, which closed its connections; use objects bound to a running loop."
         case .closed:
             return "the connection was closed by the caller before the operation finished."
         }

@@ -25,8 +25,9 @@ public final class EventLoop: @unchecked Sendable {
     private let wakeup: UnsafeMutablePointer<uv_async_t>
     private let inbox = Mutex<Inbox>(Inbox())
 
-    /// Resources that must be closed when the loop shuts down. Loop thread only.
-    private var resources: [ObjectIdentifier: any LoopResource] = [:]
+    /// Resources that must be closed when the loop shuts down. Loop thread only. Held weakly:
+    /// a connection its owner dropped must still be free to go away.
+    private var resources: [ObjectIdentifier: WeakResource] = [:]
     private var isShutDown = false
 
     private struct Inbox {
@@ -77,12 +78,19 @@ public final class EventLoop: @unchecked Sendable {
     ///
     /// Work submitted after ``shutdown()`` is dropped.
     public func execute(_ work: @escaping @Sendable () -> Void) {
+        _ = tryExecute(work)
+    }
+
+    /// Schedules `work` like ``execute(_:)``; false when the loop has shut down and the work
+    /// was dropped.
+    func tryExecute(_ work: @escaping @Sendable () -> Void) -> Bool {
         let accepted = inbox.withLock { inbox -> Bool in
             guard !inbox.isClosed else { return false }
             inbox.work.append(work)
             return true
         }
         if accepted { uv_async_send(wakeup) }
+        return accepted
     }
 
     /// Closes every connection and timer still open on this loop, then its wake-up handle.
@@ -114,12 +122,17 @@ public final class EventLoop: @unchecked Sendable {
 
     /// Tracks a resource so that ``shutdown()`` can close it. Loop thread only.
     func register(_ resource: any LoopResource) {
-        resources[ObjectIdentifier(resource)] = resource
+        resources[ObjectIdentifier(resource)] = WeakResource(resource: resource)
     }
 
     /// Stops tracking a resource that has closed itself. Loop thread only.
     func unregister(_ resource: any LoopResource) {
-        resources[ObjectIdentifier(resource)] = nil
+        unregister(ObjectIdentifier(resource))
+    }
+
+    /// Stops tracking a resource by identity, from its deinit. Loop thread only.
+    func unregister(_ identifier: ObjectIdentifier) {
+        resources[identifier] = nil
     }
 
     /// Fails fast when loop-confined state is touched from another thread.
@@ -134,9 +147,9 @@ public final class EventLoop: @unchecked Sendable {
         // Work queued up to now still runs: it may be the close of a lock a caller dropped.
         drainInbox()
         inbox.withLock { $0.isClosed = true }
-        while let resource = resources.values.first {
-            resources[ObjectIdentifier(resource)] = nil
-            resource.close()
+        while let (identifier, entry) = resources.first {
+            resources[identifier] = nil
+            entry.resource?.closeForShutdown()
         }
         uv_close(wakeup.asHandle, freeHandleOnClose)
     }
@@ -169,8 +182,13 @@ public final class EventLoop: @unchecked Sendable {
     }
 }
 
+private struct WeakResource {
+    weak var resource: (any LoopResource)?
+}
+
 /// Something on the loop that holds libuv handles and must be closed before the loop stops.
 protocol LoopResource: AnyObject {
-    /// Closes the resource's handles through `uv_close`. Called on the loop thread; idempotent.
-    func close()
+    /// Closes the resource's handles through `uv_close`, failing whatever waits on it. Called
+    /// on the loop thread by ``EventLoop/shutdown()``; idempotent.
+    func closeForShutdown()
 }

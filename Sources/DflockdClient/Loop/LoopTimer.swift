@@ -41,6 +41,11 @@ final class LoopTimer: LoopResource {
         uv_timer_stop(handle)
     }
 
+    func closeForShutdown() {
+        close()
+    }
+
+    /// Closes the handle; the timer never fires again. Idempotent.
     func close() {
         guard let handle else { return }
         self.handle = nil

@@ -184,7 +184,7 @@ struct LeaseMachine: Sendable {
             guard case .held(var holding) = state else { return [] }
             holding.renewalInFlight = false
             holding.leaseS = leaseS
-            holding.deadlineMs = sentAtMs + UInt64(leaseS) * 1000
+            holding.deadlineMs = sentAtMs + Self.milliseconds(leaseS)
             state = .held(holding)
             return [.scheduleTimer(afterMs: renewalDelayMs(leaseS: leaseS))]
         case .released:
@@ -271,7 +271,7 @@ struct LeaseMachine: Sendable {
 
     private mutating func granted(_ grant: Grant, sentAtMs: UInt64) -> [Action] {
         guard case .queued(let operation?) = state else { return [] }
-        state = .held(Holding(grant: grant, leaseS: grant.leaseS, deadlineMs: sentAtMs + UInt64(grant.leaseS) * 1000))
+        state = .held(Holding(grant: grant, leaseS: grant.leaseS, deadlineMs: sentAtMs + Self.milliseconds(grant.leaseS)))
         return [.scheduleTimer(afterMs: renewalDelayMs(leaseS: grant.leaseS)), .finish(operation, .granted)]
     }
 
@@ -324,24 +324,15 @@ struct LeaseMachine: Sendable {
         return actions
     }
 
+    /// A lease in milliseconds; absurd leases from a misbehaving server are capped at 2³¹ s
+    /// (68 years) rather than overflowing.
+    static func milliseconds(_ seconds: Int) -> UInt64 {
+        UInt64(min(max(seconds, 0), 1 << 31)) * 1000
+    }
+
     private func renewalDelayMs(leaseS: Int) -> Int {
-        let byRatio = max(1, Int((Double(leaseS) * 1000 * renewRatio).rounded(.down)))
+        let byRatio = max(1, Int((Double(Self.milliseconds(leaseS)) * renewRatio).rounded(.down)))
         return maxIdleMs.map { min(byRatio, $0) } ?? byRatio
     }
 }
 
-/// Where a ``DistributedLock`` or ``DistributedSemaphore`` is in its life cycle.
-public enum LockState: Sendable, Hashable {
-    /// Never connected.
-    case idle
-    /// Opening the connection to the key's server.
-    case connecting
-    /// Asking for the key or waiting in its FIFO queue.
-    case queued
-    /// Holding the key; the lease is renewed in the background.
-    case held
-    /// A release is on its way to the server.
-    case releasing
-    /// Released, closed, timed out or lost. `acquire()` or `enqueue()` starts again.
-    case closed
-}

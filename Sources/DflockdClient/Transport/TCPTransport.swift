@@ -83,6 +83,10 @@ final class TCPTransport: Transport, LoopResource {
         releaseHandles()
     }
 
+    func closeForShutdown() {
+        fail(.eventLoopShutDown)
+    }
+
     // MARK: - Connecting
 
     private func resolve() {
