@@ -51,9 +51,9 @@ struct SemaphoreTests {
     @Test func distributedSemaphoreAdmitsUpToLimitAndRenewsWithAndWithoutTtl() async throws {
         let peer = try ScriptedPeer(script: """
             A > b'sl\\npool\\n5 2\\n'
-            A < ok 000000000000000a59c1e0a4b2d3f001 33
+            A < ok 000000000000000a59c1e0a4b2d3f001 2
             B > b'sl\\npool\\n5 2 30\\n'
-            B < ok 0000000000000000000000000000000b 30
+            B < ok 0000000000000000000000000000000b 2
             C > b'sl\\npool\\n0 2\\n'
             C < timeout
             A > b'sn\\npool\\n000000000000000a59c1e0a4b2d3f001\\n'
@@ -67,7 +67,7 @@ struct SemaphoreTests {
             """)
         func semaphore(_ leaseTtlS: Int?, acquireTimeoutS: Int = 5) throws -> DistributedSemaphore {
             try DistributedSemaphore(key: "pool", limit: 2, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS,
-                                     servers: [("127.0.0.1", peer.port)], maxIdleMs: 200)
+                                     servers: [("127.0.0.1", peer.port)])
         }
         let a = try semaphore(nil)
         let b = try semaphore(30)
@@ -77,7 +77,8 @@ struct SemaphoreTests {
         #expect(try await b.acquire())
         #expect(try await c.acquire() == false)
         #expect(c.state == .closed)
-        // maxIdleMs 200 renews well before the lease ratio would; the answers show up as `lease`.
+        // Granted 2 s: each renews once after 1 s (B with its TTL); the answers show up as
+        // `lease`, and the next renewal is maxIdleMs (10 s) away, after the test.
         await waitUntil { a.lease == 31 && b.lease == 29 }
         #expect(a.fence == 10, "a token's first 16 hex digits are its fence")
         try await a.release()

@@ -84,13 +84,14 @@ public final class EventLoop: @unchecked Sendable {
     /// Schedules `work` like ``execute(_:)``; false when the loop has shut down and the work
     /// was dropped.
     func tryExecute(_ work: @escaping @Sendable () -> Void) -> Bool {
-        let accepted = inbox.withLock { inbox -> Bool in
+        // The send happens under the lock: once shutdown has marked the inbox closed, no thread
+        // can reach the wake-up handle, which is closed right after.
+        inbox.withLock { inbox -> Bool in
             guard !inbox.isClosed else { return false }
             inbox.work.append(work)
+            uv_async_send(wakeup)
             return true
         }
-        if accepted { uv_async_send(wakeup) }
-        return accepted
     }
 
     /// Closes every connection and timer still open on this loop, then its wake-up handle.
@@ -144,9 +145,11 @@ public final class EventLoop: @unchecked Sendable {
     private func closeEverything() {
         guard !isShutDown else { return }
         isShutDown = true
-        // Work queued up to now still runs: it may be the close of a lock a caller dropped.
-        drainInbox()
+        // Closed first, then drained: work queued up to now still runs (it may be the close of
+        // a lock a caller dropped), and whatever that work schedules finds the loop closed and
+        // completes inline instead of being lost.
         inbox.withLock { $0.isClosed = true }
+        drainInbox()
         while let (identifier, entry) = resources.first {
             resources[identifier] = nil
             entry.resource?.closeForShutdown()

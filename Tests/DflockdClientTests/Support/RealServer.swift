@@ -342,7 +342,8 @@ final class RealServer: @unchecked Sendable {
     /// succeeded reached this server, not another process that happened to take the port).
     private static func ownsListener(pid: pid_t, port: Int) -> Bool {
         #if os(Linux)
-        guard let table = try? String(contentsOfFile: "/proc/net/tcp", encoding: .utf8) else { return true }
+        // procfs files report size 0: read to the end rather than trusting the size.
+        guard let table = readProcFile("/proc/net/tcp") else { return true }
         var inodes: Set<Substring> = []
         for line in table.split(separator: "\n").dropFirst() {
             let f = line.split(separator: " ")

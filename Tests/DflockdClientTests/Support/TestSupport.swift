@@ -266,3 +266,20 @@ enum SupportSocket {
         }
     }
 }
+
+/// The whole of a /proc file. (procfs reports size 0, and `String(contentsOfFile:)` then
+/// reads only the first 4 KiB.)
+func readProcFile(_ path: String) -> String? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var data: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = read(fd, &chunk, chunk.count)
+        if n < 0 && errno == EINTR { continue }
+        guard n > 0 else { break }
+        data += chunk[..<n]
+    }
+    return String(decoding: data, as: UTF8.self)
+}
