@@ -170,10 +170,7 @@ public final class Connection: @unchecked Sendable {
 
     private func write(_ request: Request) {
         guard let transport else { return }
-        var bytes = [UInt8]()
-        bytes.reserveCapacity(request.command.rawValue.utf8.count + request.key.utf8.count + request.argument.utf8.count + 3)
-        request.encode(into: &bytes)
-        bytes.withUnsafeBytes { transport.write($0) }
+        request.bytes.withUnsafeBytes { transport.write($0) }
     }
 
     private func startIfIdle() {
