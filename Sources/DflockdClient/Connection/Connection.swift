@@ -332,3 +332,19 @@ extension Connection: TransportDelegate {
         end(with: error, notifyDelegate: true)
     }
 }
+
+// The configuration holds the auth secret: its text forms and its mirror (`dump`, debuggers)
+// show everything but that.
+extension Connection.Configuration: CustomStringConvertible, CustomDebugStringConvertible, CustomReflectable {
+    var description: String {
+        "Configuration(tls: \(tls.map { "\($0)" } ?? "nil"), auth: \(auth == nil ? "nil" : "<redacted>"), connectTimeoutMs: \(connectTimeoutMs.map(String.init) ?? "nil"), socketTimeoutMs: \(socketTimeoutMs.map(String.init) ?? "nil"))"
+    }
+
+    var debugDescription: String { description }
+
+    var customMirror: Mirror {
+        Mirror(self, children: ["tls": tls as Any, "auth": (auth == nil ? nil : "<redacted>") as String? as Any,
+                                "connectTimeoutMs": connectTimeoutMs as Any, "socketTimeoutMs": socketTimeoutMs as Any],
+               displayStyle: .struct)
+    }
+}
