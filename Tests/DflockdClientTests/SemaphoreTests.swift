@@ -73,16 +73,49 @@ struct SemaphoreTests {
         let b = try semaphore(30)
         let c = try semaphore(nil, acquireTimeoutS: 0)
         #expect(a.limit == 2)
-        #expect(try await a.acquire())
-        #expect(try await b.acquire())
-        #expect(try await c.acquire() == false)
-        #expect(c.state == .closed)
         // maxIdleMs 200 renews well before the lease ratio would; the answers show up as `lease`.
-        await waitUntil { a.lease == 31 && b.lease == 29 }
-        #expect(a.fence == 10, "a token's first 16 hex digits are its fence")
-        try await a.release()
-        try await b.release()
+        // The script allows one `sn` per connection, so every step runs in completion handlers on
+        // the loop thread: a test task resumed late (a busy machine, a full test run) would let
+        // the next renewal, 200 ms on, go out before the acquire of C or the release.
+        let steps = await withCheckedContinuation { (done: CheckedContinuation<[String], Never>) in
+            a.acquire { acquiredA in
+                b.acquire { acquiredB in
+                    c.acquire { acquiredC in
+                        var steps = ["a \(acquiredA)", "b \(acquiredB)", "c \(acquiredC) \(c.state)"]
+                        Self.onLoop(a.loop, when: { a.lease == 31 && b.lease == 29 }) {
+                            steps.append("fence \(String(describing: a.fence))")
+                            a.release { releasedA in
+                                b.release { releasedB in
+                                    steps += ["release a \(releasedA)", "release b \(releasedB)"]
+                                    done.resume(returning: steps)
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        #expect(steps == ["a success(true)", "b success(true)", "c success(false) closed",
+                          "fence Optional(10)",  // a token's first 16 hex digits are its fence
+                          "release a success()", "release b success()"])
         try await peer.finish()
+    }
+
+    /// Runs `action` on the loop thread as soon as `condition` holds there (checked every 2 ms).
+    /// Call on the loop thread.
+    private static func onLoop(_ loop: EventLoop, when condition: @escaping () -> Bool, _ action: @escaping () -> Void) {
+        final class Poll { var timer: LoopTimer? }
+        let poll = Poll()
+        poll.timer = LoopTimer(loop: loop) {
+            guard condition() else {
+                poll.timer?.schedule(afterMilliseconds: 2)
+                return
+            }
+            poll.timer?.close()
+            poll.timer = nil
+            action()
+        }
+        poll.timer?.schedule(afterMilliseconds: 0)
     }
 
     @Test func semaphoreLimitMismatchIsItsOwnError() async throws {
