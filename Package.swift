@@ -15,10 +15,16 @@ let package = Package(
             pkgConfig: "libuv",
             providers: [.apt(["libuv1-dev"])]
         ),
+        .systemLibrary(
+            name: "COpenSSL",
+            pkgConfig: "openssl",
+            providers: [.apt(["libssl-dev"])]
+        ),
         .target(
             name: "DflockdClient",
             dependencies: [
                 "CUV",
+                "COpenSSL",
                 .product(name: "DequeModule", package: "swift-collections"),
             ]
         ),

@@ -134,7 +134,7 @@ enum ProcessFDs {
         }
         var count = 0
         for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-            guard let text = readProcFile(table) else { continue }
+            guard let text = TestSupport.readProcFile(table) else { continue }
             for line in text.split(separator: "\n").dropFirst() {
                 let f = line.split(separator: " ")
                 guard f.count > 9, let remotePort = f[2].split(separator: ":").last.flatMap({ Int($0, radix: 16) }),

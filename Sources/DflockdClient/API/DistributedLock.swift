@@ -26,11 +26,13 @@ public final class DistributedLock: DistributedLease, @unchecked Sendable {
     ///   - host: Deprecated, use `servers`: used only when `servers` is `nil`.
     ///   - port: Deprecated, use `servers`: used only when `servers` is `nil`.
     ///   - renewRatio: Renew when this fraction of the lease has passed (0 < ratio < 1).
-    ///   - tls: TLS options; `TLSOptions()` verifies against the system CAs.
+    ///   - tls: TLS options; `TLSOptions()` verifies against the system CAs. The files they
+    ///     name are read here, once per distinct options in the process.
     ///   - auth: The server's `--auth-token`, sent first on every connection.
     ///   - onLockLost: Called with `(key, token)` on the loop thread when a held lock is lost
     ///     (a renewal failed or the connection ended); the connection is closed by then.
-    ///   - connectTimeoutMs: Limit on connecting; `nil` waits as long as TCP does.
+    ///   - connectTimeoutMs: Limit on connecting (TCP and, with `tls`, the handshake); `nil`
+    ///     waits as long as TCP does.
     ///   - socketTimeoutMs: Close the connection when no byte arrives for this long while a
     ///     reply is awaited (a blocking acquire or wait adds its own timeout).
     ///   - maxIdleMs: The longest gap between renewals, whatever the lease: servers close a

@@ -39,6 +39,9 @@ struct LeaseSettings: Sendable {
             throw .invalidArgument(name: "renewRatio", reason: "must be between 0 and 1 (exclusive), got \(renewRatio)")
         }
         if let auth { try Validation.secret(auth, name: "auth") }
+        // Loads (once per distinct options) the files TLS needs, so a missing CA file or key is
+        // reported here, naming the option, rather than at the first acquire.
+        let tlsContext = try tls.map { options throws(LockError) in try TLSContext.shared(for: options) }
         try Connection.validate(milliseconds: connectTimeoutMs, name: "connectTimeoutMs")
         try Connection.validate(milliseconds: socketTimeoutMs, name: "socketTimeoutMs")
         try Connection.validate(milliseconds: maxIdleMs, name: "maxIdleMs")
@@ -62,7 +65,8 @@ struct LeaseSettings: Sendable {
         self.endpoint = Endpoint(host: servers[index].0, port: servers[index].1)
         self.renewRatio = renewRatio
         self.maxIdleMs = maxIdleMs
-        self.connection = Connection.Configuration(tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs)
+        self.connection = Connection.Configuration(tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs,
+                                                   tlsContext: tlsContext)
         self.onLockLost = onLockLost
     }
 

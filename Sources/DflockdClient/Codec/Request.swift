@@ -114,3 +114,21 @@ struct Request: Sendable, Hashable {
         numbers.compactMap { $0.map(String.init) }.joined(separator: " ")
     }
 }
+
+// A request can carry the auth secret: its text forms and its mirror (`dump`, debuggers, test
+// failure messages) show every field but that one.
+extension Request: CustomStringConvertible, CustomDebugStringConvertible, CustomReflectable {
+    /// The argument as it may be shown: the auth secret is redacted.
+    var shownArgument: String { command == .auth ? "<redacted>" : argument }
+
+    var description: String { "\(command.rawValue) \(key) \(shownArgument)" }
+
+    var debugDescription: String {
+        "Request(\(command.rawValue.debugDescription), key: \(key.debugDescription), argument: \(command == .auth ? shownArgument : argument.debugDescription))"
+    }
+
+    var customMirror: Mirror {
+        Mirror(self, children: ["command": command, "key": key, "argument": shownArgument, "blockingSeconds": blockingSeconds as Any],
+               displayStyle: .struct)
+    }
+}

@@ -46,6 +46,9 @@ public final class Connection: @unchecked Sendable {
         var auth: String?
         var connectTimeoutMs: Int?
         var socketTimeoutMs: Int?
+        /// The shared OpenSSL context for `tls`, looked up when the options were validated, so
+        /// that connecting never waits on the context cache's lock on the loop thread.
+        var tlsContext: TLSContext? = nil
     }
 
     private enum Phase {
@@ -64,13 +67,16 @@ public final class Connection: @unchecked Sendable {
     /// - Parameters:
     ///   - host: Host name or IP literal of the server.
     ///   - port: Its TCP port.
-    ///   - tls: TLS options, or `nil` for plain TCP.
+    ///   - tls: TLS options, or `nil` for plain TCP. The files they name are read here, once
+    ///     per distinct options in the process.
     ///   - auth: The server's `--auth-token`; sent as the first request when set.
-    ///   - connectTimeoutMs: Limit on establishing the connection; `nil` waits as long as TCP does.
+    ///   - connectTimeoutMs: Limit on establishing the connection (TCP and, with `tls`, the
+    ///     handshake); `nil` waits as long as TCP does.
     ///   - socketTimeoutMs: Close the connection when no byte arrives for this long while a
     ///     reply is owed (a blocking acquire or wait adds its own timeout to the allowance).
     ///   - loop: The loop to run on.
-    /// - Throws: ``LockError/invalidArgument(name:reason:)`` for a bad port, secret or timeout.
+    /// - Throws: ``LockError/invalidArgument(name:reason:)`` for a bad port, secret or timeout,
+    ///   or a TLS file that cannot be used (named as `tls.caFile`, `tls.certificateFile`, …).
     public convenience init(host: String = "127.0.0.1",
                 port: Int = 6388,
                 tls: TLSOptions? = nil,
@@ -80,10 +86,14 @@ public final class Connection: @unchecked Sendable {
                 loop: EventLoop = .shared) throws(LockError) {
         try Self.validate(host: host, port: port)
         if let auth { try Validation.secret(auth) }
+        // Loads the files TLS needs (once per distinct options), so a missing CA file or key is
+        // reported here, naming the option.
+        let tlsContext = try tls.map { options throws(LockError) in try TLSContext.shared(for: options) }
         try Self.validate(milliseconds: connectTimeoutMs, name: "connectTimeoutMs")
         try Self.validate(milliseconds: socketTimeoutMs, name: "socketTimeoutMs")
         self.init(endpoint: Endpoint(host: host, port: port),
-                  configuration: Configuration(tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs),
+                  configuration: Configuration(tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs,
+                                               tlsContext: tlsContext),
                   loop: loop)
     }
 
@@ -178,18 +188,30 @@ public final class Connection: @unchecked Sendable {
         phase = .connecting
         loop.register(self)
         let transport: any Transport
-        if configuration.tls != nil {
-            // TLS is wired in by the TLS transport; until then say so instead of sending plain text.
-            loop.runLater { [self] in
-                end(with: .tls(reason: "TLS connections are not available in this build"), notifyDelegate: true)
+        var authRequest: Request?
+        do throws(LockError) {
+            // Validated by the public initializers already; checked again so that no path can
+            // connect without the auth it was configured with, or in clear instead of TLS.
+            if let secret = configuration.auth { authRequest = try Request.auth(secret: secret) }
+            if let tls = configuration.tls {
+                let context: TLSContext
+                if let cached = configuration.tlsContext {
+                    context = cached
+                } else {
+                    context = try TLSContext.shared(for: tls)
+                }
+                transport = TLSTransport(loop: loop, context: context, options: tls)
+            } else {
+                transport = TCPTransport(loop: loop)
             }
+        } catch {
+            loop.runLater { [self] in end(with: error, notifyDelegate: true) }
             return
         }
-        transport = TCPTransport(loop: loop)
         transport.delegate = self
         self.transport = transport
-        if let secret = configuration.auth, let request = try? Request.auth(secret: secret) {
-            append(request) { [weak self] result in self?.didAuthenticate(result) }
+        if let authRequest {
+            append(authRequest) { [weak self] result in self?.didAuthenticate(result) }
         }
         transport.connect(to: endpoint, timeoutMilliseconds: configuration.connectTimeoutMs)
     }
@@ -327,5 +349,21 @@ extension Connection: TransportDelegate {
             return
         }
         end(with: error, notifyDelegate: true)
+    }
+}
+
+// The configuration holds the auth secret: its text forms and its mirror (`dump`, debuggers)
+// show everything but that.
+extension Connection.Configuration: CustomStringConvertible, CustomDebugStringConvertible, CustomReflectable {
+    var description: String {
+        "Configuration(tls: \(tls.map { "\($0)" } ?? "nil"), auth: \(auth == nil ? "nil" : "<redacted>"), connectTimeoutMs: \(connectTimeoutMs.map(String.init) ?? "nil"), socketTimeoutMs: \(socketTimeoutMs.map(String.init) ?? "nil"))"
+    }
+
+    var debugDescription: String { description }
+
+    var customMirror: Mirror {
+        Mirror(self, children: ["tls": tls as Any, "auth": (auth == nil ? nil : "<redacted>") as String? as Any,
+                                "connectTimeoutMs": connectTimeoutMs as Any, "socketTimeoutMs": socketTimeoutMs as Any],
+               displayStyle: .struct)
     }
 }

@@ -20,6 +20,24 @@ public final class EventLoop: @unchecked Sendable {
     /// buffer is handed out again. Thousands of idle connections then cost no buffer each.
     let readBuffer: UnsafeMutableRawBufferPointer
 
+    /// One buffer for the plaintext that every TLS connection on the loop decrypts into (the
+    /// ciphertext it decrypts sits in ``readBuffer`` at the time, hence a second buffer). A
+    /// connection fills it with `SSL_read` and hands it to its delegate before returning from
+    /// its read callback, and libuv never nests read callbacks, so one buffer serves them all.
+    /// 16 KiB is the largest plaintext of one TLS record. Allocated on first TLS use; loop thread only.
+    var tlsPlaintextBuffer: UnsafeMutableRawBufferPointer {
+        if let buffer = tlsBuffer { return buffer }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16 * 1024, alignment: 16)
+        tlsBuffer = buffer
+        return buffer
+    }
+
+    /// Set while a TLS connection has undelivered plaintext in ``tlsPlaintextBuffer`` (a check
+    /// that the buffer is never used by two connections at once). Loop thread only.
+    var tlsPlaintextBufferInUse = false
+
+    private var tlsBuffer: UnsafeMutableRawBufferPointer?
+
     private let ownsLoop: Bool
     private let loopThread: pthread_t
     private let wakeup: UnsafeMutablePointer<uv_async_t>
@@ -117,6 +135,7 @@ public final class EventLoop: @unchecked Sendable {
 
     deinit {
         readBuffer.deallocate()
+        tlsBuffer?.deallocate()
     }
 
     // MARK: - Loop-thread internals

@@ -26,7 +26,8 @@ protocol TransportDelegate: AnyObject {
     func transport(_ transport: any Transport, didFailWith error: LockError)
 }
 
-/// A byte stream to one server, driven by the event loop: TCP now, TLS over TCP later.
+/// A byte stream to one server, driven by the event loop: ``TCPTransport``, or
+/// ``TLSTransport`` (TLS over a TCP transport it owns).
 ///
 /// Loop thread only. After ``close()`` the delegate hears nothing more.
 protocol Transport: AnyObject {
@@ -34,7 +35,8 @@ protocol Transport: AnyObject {
     /// Starts connecting; the delegate hears `transportDidConnect` or `didFailWith`.
     func connect(to endpoint: Endpoint, timeoutMilliseconds: Int?)
     /// Queues bytes for sending, in order. Bytes written before the connection is up are an
-    /// error of the caller's.
+    /// error of the caller's (TCP drops them; TLS holds them back until its handshake is done,
+    /// so they never go out in clear).
     func write(_ bytes: UnsafeRawBufferPointer)
     /// Closes the stream at once, dropping unsent bytes. Idempotent.
     func close()

@@ -340,10 +340,9 @@ final class RealServer: @unchecked Sendable {
 
     /// Linux: true if `pid` holds the socket listening on 127.0.0.1:port (so a connect that
     /// succeeded reached this server, not another process that happened to take the port).
-    private static func ownsListener(pid: pid_t, port: Int) -> Bool {
+    static func ownsListener(pid: pid_t, port: Int) -> Bool {
         #if os(Linux)
-        // procfs files report size 0: read to the end rather than trusting the size.
-        guard let table = readProcFile("/proc/net/tcp") else { return true }
+        guard let table = TestSupport.readProcFile("/proc/net/tcp") else { return true }
         var inodes: Set<Substring> = []
         for line in table.split(separator: "\n").dropFirst() {
             let f = line.split(separator: " ")

@@ -267,19 +267,27 @@ enum SupportSocket {
     }
 }
 
-/// The whole of a /proc file. (procfs reports size 0, and `String(contentsOfFile:)` then
-/// reads only the first 4 KiB.)
-func readProcFile(_ path: String) -> String? {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return nil }
-    defer { close(fd) }
-    var data: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let n = read(fd, &chunk, chunk.count)
-        if n < 0 && errno == EINTR { continue }
-        guard n > 0 else { break }
-        data += chunk[..<n]
+extension TestSupport {
+    /// The whole text of a /proc file. Foundation's `String(contentsOfFile:)` trusts the size
+    /// the file reports (0 for /proc) and does a single read, so it sees only the first page
+    /// or so: on a busy machine /proc/net/tcp holds thousands of lines and the ones a test
+    /// looks for are missed. This reads until EOF.
+    static func readProcFile(_ path: String) -> String? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { _ = close(fd) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 64 * 1024)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n > 0 {
+                bytes += chunk[..<n]
+            } else if n == 0 {
+                break
+            } else if errno != EINTR {
+                return nil
+            }
+        }
+        return String(decoding: bytes, as: UTF8.self)
     }
-    return String(decoding: data, as: UTF8.self)
 }
