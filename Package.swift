@@ -32,6 +32,41 @@ let package = Package(
             dependencies: ["DflockdClient", "CUV"],
             path: "Examples/Embedded"
         ),
+        .executableTarget(
+            name: "Quickstart",
+            dependencies: ["DflockdClient"],
+            path: "Examples/Quickstart"
+        ),
+        .executableTarget(
+            name: "Callbacks",
+            dependencies: ["DflockdClient"],
+            path: "Examples/Callbacks"
+        ),
+        .executableTarget(
+            name: "TwoPhase",
+            dependencies: ["DflockdClient"],
+            path: "Examples/TwoPhase"
+        ),
+        .executableTarget(
+            name: "LockLost",
+            dependencies: ["DflockdClient"],
+            path: "Examples/LockLost"
+        ),
+        .executableTarget(
+            name: "Sharding",
+            dependencies: ["DflockdClient"],
+            path: "Examples/Sharding"
+        ),
+        .executableTarget(
+            name: "Semaphore",
+            dependencies: ["DflockdClient"],
+            path: "Examples/Semaphore"
+        ),
+        .executableTarget(
+            name: "EmbeddedServer",
+            dependencies: ["DflockdClient", "CUV"],
+            path: "Examples/EmbeddedServer"
+        ),
         .testTarget(
             name: "DflockdClientTests",
             dependencies: ["DflockdClient", "CUV"],
