@@ -5,11 +5,12 @@
 #   make demo    setup, then run the Demo example against a real dflockd on a free port
 #   make example NAME=Quickstart   setup, then run one example against a throwaway dflockd
 #   make examples                  setup, then run every example, each with its own dflockd
+#   make docs    DocC documentation of the library; any documentation warning fails it
 #   make clean   remove build products (.build); `make distclean` also removes .venv
 
 SWIFT ?= $(shell command -v swift 2>/dev/null || echo /opt/swift/usr/bin/swift)
 
-.PHONY: setup build test demo example examples clean distclean
+.PHONY: setup build test demo example examples docs clean distclean
 
 setup:
 	@bash Tests/scripts/setup
@@ -43,6 +44,11 @@ examples: setup
 		flags=; [ "$$name" = LockLost ] && flags="--read-timeout 3"; \
 		bash Tests/scripts/with-server $$flags --append-port-arg -- "$$bin/$$name"; \
 	done
+
+# The archive lands in .build/plugins/Swift-DocC/outputs/DflockdClient.doccarchive
+# (swift-docc-plugin; the catalog is Sources/DflockdClient/DflockdClient.docc).
+docs:
+	$(SWIFT) package generate-documentation --target DflockdClient --warnings-as-errors
 
 clean:
 	rm -rf .build
