@@ -373,7 +373,7 @@ extension DistributedLease: ConnectionDelegate {
     }
 }
 
-/// The result of `enqueue()`: the seed's `"acquired" | "queued"`.
+/// The result of `enqueue()`: `"acquired" | "queued"` in dflockd's TypeScript client.
 public enum EnqueueResult: Sendable, Hashable {
     /// The key was free and is now held (renewal already runs).
     case acquired

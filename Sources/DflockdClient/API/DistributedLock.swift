@@ -1,5 +1,5 @@
-/// A distributed FIFO lock on one key of a dflockd server: the Swift form of the seed's
-/// `DistributedLock`.
+/// A distributed FIFO lock on one key of a dflockd server: the Swift form of the
+/// `DistributedLock` of dflockd's TypeScript client, with the same options and methods.
 ///
 /// ```swift
 /// let lock = try DistributedLock(key: "my-resource", acquireTimeoutS: 10, leaseTtlS: 20,
