@@ -8,6 +8,8 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-collections", from: "1.6.0"),
+        // `make docs`: swift package generate-documentation (a plugin; nothing of it is linked).
+        .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"),
     ],
     targets: [
         .systemLibrary(
@@ -38,9 +40,45 @@ let package = Package(
             dependencies: ["DflockdClient", "CUV"],
             path: "Examples/Embedded"
         ),
+        .executableTarget(
+            name: "Quickstart",
+            dependencies: ["DflockdClient"],
+            path: "Examples/Quickstart"
+        ),
+        .executableTarget(
+            name: "Callbacks",
+            dependencies: ["DflockdClient"],
+            path: "Examples/Callbacks"
+        ),
+        .executableTarget(
+            name: "TwoPhase",
+            dependencies: ["DflockdClient"],
+            path: "Examples/TwoPhase"
+        ),
+        .executableTarget(
+            name: "LockLost",
+            dependencies: ["DflockdClient"],
+            path: "Examples/LockLost"
+        ),
+        .executableTarget(
+            name: "Sharding",
+            dependencies: ["DflockdClient"],
+            path: "Examples/Sharding"
+        ),
+        .executableTarget(
+            name: "Semaphore",
+            dependencies: ["DflockdClient"],
+            path: "Examples/Semaphore"
+        ),
+        .executableTarget(
+            name: "EmbeddedServer",
+            dependencies: ["DflockdClient", "CUV"],
+            path: "Examples/EmbeddedServer"
+        ),
         .testTarget(
             name: "DflockdClientTests",
             dependencies: ["DflockdClient", "CUV"],
+            exclude: ["Fixtures"],  // read through #filePath, like the transcripts
             resources: [.copy("Transcripts")]
         ),
     ],

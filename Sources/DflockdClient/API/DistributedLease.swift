@@ -2,11 +2,16 @@ import CUV
 import Synchronization
 
 /// The machinery ``DistributedLock`` and ``DistributedSemaphore`` share: one session with the
-/// key's server, driven by a ``LeaseMachine`` on the event loop, with lease renewal on a timer.
+/// key's server, driven by a state machine (`LeaseMachine`) on the event loop, with lease
+/// renewal on a timer.
 ///
 /// Every method may be called from any thread. Completion handlers run on the loop thread,
 /// never before the method that took them has returned. The properties may be read from any
 /// thread; they show the state as of the loop's last step.
+///
+/// Keep a reference to the instance until its last completion handler has run: an instance
+/// that is deallocated closes its connection (the server then frees what it held) and its
+/// pending completion handlers are never called. The async methods keep it alive themselves.
 public class DistributedLease: @unchecked Sendable {
     /// The default longest gap between two renewals of a held lease: well under the 23-second
     /// read timeout after which dflockd servers drop a silent connection and its locks.
@@ -368,7 +373,7 @@ extension DistributedLease: ConnectionDelegate {
     }
 }
 
-/// The result of `enqueue()`: the seed's `"acquired" | "queued"`.
+/// The result of `enqueue()`: `"acquired" | "queued"` in dflockd's TypeScript client.
 public enum EnqueueResult: Sendable, Hashable {
     /// The key was free and is now held (renewal already runs).
     case acquired

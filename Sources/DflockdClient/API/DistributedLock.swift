@@ -1,5 +1,5 @@
-/// A distributed FIFO lock on one key of a dflockd server: the Swift form of the seed's
-/// `DistributedLock`.
+/// A distributed FIFO lock on one key of a dflockd server: the Swift form of the
+/// `DistributedLock` of dflockd's TypeScript client, with the same options and methods.
 ///
 /// ```swift
 /// let lock = try DistributedLock(key: "my-resource", acquireTimeoutS: 10, leaseTtlS: 20,
@@ -11,8 +11,9 @@
 ///
 /// Each instance is one session at a time, driven as an explicit state machine on its
 /// ``EventLoop`` (``LockState``: idle → connecting → queued → held → closed). While held, the
-/// lease is renewed every `lease × renewRatio` seconds by a libuv timer. Methods, completion
-/// handlers, errors and threading rules are documented on ``DistributedLease``.
+/// lease is renewed every `lease × renewRatio` seconds, and at least every `maxIdleMs`, by a
+/// libuv timer. Methods, completion handlers, errors and threading rules are documented on
+/// ``DistributedLease``.
 public final class DistributedLock: DistributedLease, @unchecked Sendable {
     /// Creates a lock. Nothing touches the network until `acquire` or `enqueue`.
     ///

@@ -4,7 +4,8 @@
 /// what to do. Server statuses each have a case of their own (see `protocol.md`), client-side
 /// failures likewise.
 public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
-    /// The lock was not granted within the acquire timeout (the seed's `AcquireTimeoutError`).
+    /// The lock was not granted within the acquire timeout (`AcquireTimeoutError` in dflockd's
+    /// TypeScript client).
     case acquireTimeout(key: String)
     /// The server rejected the auth secret (`error_auth`), or closed the connection during auth.
     case authFailed
