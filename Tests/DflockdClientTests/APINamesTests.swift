@@ -240,7 +240,7 @@ enum SwiftNames {
                 #expect(try defaultLock().settings.renewRatio == 0.5)
             },
             "tls: TLSOptions? = nil": { () throws in
-                let value: TLSOptions? = TLSOptions(caFile: "/ca.pem")
+                let value: TLSOptions? = TLSOptions(serverName: "locks.example")
                 #expect(try DistributedLock(key: "names", tls: value).settings.connection.tls == value)
                 #expect(try defaultLock().settings.connection.tls == nil)
             },

@@ -206,6 +206,20 @@ struct LockTests {
         try await waiter.release()
     }
 
+    @Test func aDroppedLockStillCompletesItsOperationThenFreesTheKey() async throws {
+        let port = server.port
+        let acquired = await withCheckedContinuation { (done: CheckedContinuation<Result<Bool, LockError>, Never>) in
+            // No reference survives this statement but the lock's own.
+            try! DistributedLock(key: "lock-dropped", servers: [("127.0.0.1", port)]).acquire { done.resume(returning: $0) }
+        }
+        #expect(try acquired.get())
+        // Once its completion has run, nothing keeps the lock: it closes its session.
+        let other = try Connection(port: port)
+        defer { other.close() }
+        let grant = try await other.acquire(key: "lock-dropped", timeoutS: 5)
+        #expect(grant != nil, "the dropped lock's session was never closed")
+    }
+
     @Test func completionHandlerFormRunsOnTheLoopThread() async throws {
         let lock = try lock("lock-callbacks")
         let loop = lock.loop

@@ -9,9 +9,9 @@ import Synchronization
 /// never before the method that took them has returned. The properties may be read from any
 /// thread; they show the state as of the loop's last step.
 ///
-/// Keep a reference to the instance until its last completion handler has run: an instance
-/// that is deallocated closes its connection (the server then frees what it held) and its
-/// pending completion handlers are never called. The async methods keep it alive themselves.
+/// An instance with an operation or a release in flight keeps itself alive until that
+/// completion has run, even if the caller dropped every reference; an instance dropped while
+/// merely holding closes its connection (the server then frees what it held).
 public class DistributedLease: @unchecked Sendable {
     /// The default longest gap between two renewals of a held lease: well under the 23-second
     /// read timeout after which dflockd servers drop a silent connection and its locks.
@@ -31,6 +31,8 @@ public class DistributedLease: @unchecked Sendable {
     private var leaseTimer: LoopTimer?
     private var operation: PendingOperation?
     private var releaseCompletion: ((Result<Void, LockError>) -> Void)?
+    /// Set while a completion is owed, so that it runs even if the caller let go.
+    private var selfWhileBusy: DistributedLease?
     /// Completions and callbacks produced by the current step, run once it is published.
     private var deliveries: [() -> Void] = []
 
@@ -218,6 +220,9 @@ public class DistributedLease: @unchecked Sendable {
             }
         }
         publish()
+        let wasBusy = selfWhileBusy
+        defer { withExtendedLifetime(wasBusy) {} }
+        selfWhileBusy = operation != nil || releaseCompletion != nil ? self : nil
         guard !deliveries.isEmpty else { return }
         let ready = deliveries
         deliveries.removeAll()

@@ -20,7 +20,9 @@ public final class DistributedLock: DistributedLease, @unchecked Sendable {
     /// - Parameters:
     ///   - key: The lock's name: non-empty, at most 256 UTF-8 bytes, no whitespace.
     ///   - acquireTimeoutS: Seconds to wait for the lock before giving up (0: try once).
-    ///   - leaseTtlS: Lease length in seconds; `nil` takes the server's default.
+    ///   - leaseTtlS: Lease length in seconds; `nil` takes the server's default. On dflockd
+    ///     0.5.0 use 2 or more: it answers renewals with the seconds left rounded down, so a
+    ///     1-second lease reads as 0 and is declared lost.
     ///   - servers: `(host, port)` pairs; the key lives on the one `shardingStrategy` picks.
     ///     Default `[("127.0.0.1", 6388)]`.
     ///   - shardingStrategy: Maps `(key, servers.count)` to a server index.
