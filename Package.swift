@@ -5,9 +5,12 @@ let package = Package(
     name: "DflockdClient",
     products: [
         .library(name: "DflockdClient", targets: ["DflockdClient"]),
+        .executable(name: "dflockd-bench", targets: ["DflockdBench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-collections", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
     ],
     targets: [
         .systemLibrary(
@@ -31,6 +34,15 @@ let package = Package(
             name: "Embedded",
             dependencies: ["DflockdClient", "CUV"],
             path: "Examples/Embedded"
+        ),
+        .executableTarget(
+            name: "DflockdBench",
+            dependencies: [
+                "DflockdClient",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ],
+            path: "Benchmarks/DflockdBench"
         ),
         .testTarget(
             name: "DflockdClientTests",

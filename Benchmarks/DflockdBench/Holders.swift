@@ -1,0 +1,338 @@
+import DflockdClient
+import Dispatch
+import Glibc
+
+/// Holders mode: N ``DistributedLock``s acquired and held at once on one event loop thread, each
+/// renewing its lease on its own timer, for `holdSeconds`.
+///
+/// The library exposes no renewal counter, so renewals are counted where they become visible at
+/// the process boundary: during the hold the only thing this process writes (besides its own
+/// progress line, which it counts and subtracts) is renewal requests, one `write(2)` each, so
+/// the change in `/proc/self/io`'s `syscw` is the number of renewals sent, and the change in
+/// `wchar` must equal that number times the size of one renewal request. Failed renewals are
+/// counted three ways: `onLockLost` calls, locks seen (once a second and at the end) not
+/// `.held` or holding a different token than when the hold began, and releases the server
+/// rejects at the end (a release succeeds only with the token that still holds the key).
+final class HoldersBenchmark: @unchecked Sendable {
+    struct Settings {
+        var holders: Int
+        var holdSeconds: Int
+        var leaseTtlS: Int?
+        var renewRatio: Double
+        var timeoutS: Int
+        var keyPrefix: String
+        var servers: [Server]
+        var concurrency: Int
+    }
+
+    struct Result {
+        var holders: Int
+        var fileLimit: Int
+        var acquireS: Double
+        var acquireFailures: Int
+        var firstAcquireError: String?
+        var holdS: Double
+        var heldAtEnd: Int
+        var seenLost: Int
+        var lockLostCalls: Int
+        var releaseFailures: Int
+        var firstReleaseError: String?
+        var renewalWrites: Int?
+        var renewalBytes: Int?
+        var renewalRequestBytes: Int
+        var expectedRenewals: ClosedRange<Int>?
+        var holdCPU: CPUTime
+        var baselineRSS: Int
+        var heldRSS: Int
+        var afterHoldRSS: Int
+        var peakRSSKiB: Int
+
+        var renewalsFailed: Int { max(lockLostCalls, seenLost) + releaseFailures }
+        var passed: Bool { acquireFailures == 0 && renewalsFailed == 0 && heldAtEnd == holders }
+        var rssPerLockBytes: Double { Double(heldRSS - baselineRSS) / Double(holders) }
+        var bytesAgree: Bool? {
+            guard let renewalWrites, let renewalBytes else { return nil }
+            return renewalBytes == renewalWrites * renewalRequestBytes
+        }
+        var cpuPerRenewalUs: Double? {
+            guard let renewalWrites, renewalWrites > 0 else { return nil }
+            return holdCPU.totalS / Double(renewalWrites) * 1e6
+        }
+    }
+
+    let settings: Settings
+    private let loop = EventLoop()
+    private let lockLostCalls = Counter()
+
+    init(settings: Settings) {
+        self.settings = settings
+    }
+
+    func run() throws -> Result {
+        defer { loop.shutdown() }
+        let fileLimit = try raiseFileLimit(toHold: settings.holders)
+        let progress = ProgressLine()
+        let count = settings.holders
+
+        // Settle the loop thread and this thread's allocations before the baseline.
+        let ready = DispatchSemaphore(value: 0)
+        loop.execute { ready.signal() }
+        ready.wait()
+        guard let baselineRSS = ProcessMemory.currentRSSBytes() else { throw BenchFailure("cannot read /proc/self/statm") }
+
+        let tag = Int.random(in: 100_000..<1_000_000)
+        let width = String(count - 1).count
+        let locks = try (0..<count).map { index -> DistributedLock in
+            let number = String(index)
+            let key = "\(settings.keyPrefix)_holder_\(tag)_\(String(repeating: "0", count: width - number.count))\(number)"
+            return try DistributedLock(key: key, acquireTimeoutS: settings.timeoutS, leaseTtlS: settings.leaseTtlS,
+                                       servers: settings.servers.map(\.pair), renewRatio: settings.renewRatio,
+                                       onLockLost: { [lockLostCalls] _, _ in lockLostCalls.increment() }, loop: loop)
+        }
+
+        // Acquire every lock, `concurrency` at a time.
+        let acquireStart = monotonicNanoseconds()
+        let acquired = runWindowed(locks, progress: progress, verb: "acquired") { lock, finish in
+            lock.acquire { result in
+                switch result {
+                case .success(true): finish(nil)
+                case .success(false): finish("acquire of \(lock.key) timed out")
+                case .failure(let error): finish("acquire of \(lock.key): \(error)")
+                }
+            }
+        }
+        let acquireS = Double(monotonicNanoseconds() - acquireStart) / 1e9
+        guard let heldRSS = ProcessMemory.currentRSSBytes() else { throw BenchFailure("cannot read /proc/self/statm") }
+        let tokens = locks.map(\.token)
+
+        // Hold. This thread only reads the locks' published state, once a second.
+        var lost = [Bool](repeating: false, count: count)
+        for index in 0..<count where tokens[index] == nil { lost[index] = true }
+        func check() {
+            for index in 0..<count where !lost[index] {
+                if locks[index].state != .held || locks[index].token != tokens[index] { lost[index] = true }
+            }
+        }
+        let holdStartCPU = CPUTime.now()
+        let holdStartIO = IOCounters.now()
+        let progressCallsBefore = progress.writeCalls
+        let progressBytesBefore = progress.writtenBytes
+        let holdStart = monotonicNanoseconds()
+        let holdEnd = holdStart + UInt64(settings.holdSeconds) * 1_000_000_000
+        var nextTick = holdStart
+        while true {
+            nextTick += 1_000_000_000
+            let now = monotonicNanoseconds()
+            if now >= holdEnd { break }
+            sleepNanoseconds(min(nextTick, holdEnd) - now)
+            check()
+            let elapsed = Double(monotonicNanoseconds() - holdStart) / 1e9
+            let seen = lost.lazy.filter { $0 }.count
+            progress.update("holders: holding \(count - seen)/\(count), \(formatted(elapsed, decimals: 0))/\(settings.holdSeconds) s, onLockLost \(lockLostCalls.value)")
+        }
+        let holdS = Double(monotonicNanoseconds() - holdStart) / 1e9
+        let holdCPU = CPUTime.now() - holdStartCPU
+        let holdEndIO = IOCounters.now()
+        let progressCalls = progress.writeCalls - progressCallsBefore
+        let progressBytes = progress.writtenBytes - progressBytesBefore
+        progress.finish()
+        check()
+        let afterHoldRSS = ProcessMemory.currentRSSBytes() ?? 0
+        let seenLost = lost.lazy.filter { $0 }.count
+
+        // Release every lock: the server accepts a release only from the token that holds it.
+        let released = runWindowed(locks, progress: progress, verb: "released") { lock, finish in
+            lock.release { result in
+                if case .failure(let error) = result { return finish("release of \(lock.key): \(error)") }
+                finish(nil)
+            }
+        }
+
+        var renewalWrites: Int?
+        var renewalBytes: Int?
+        if let holdStartIO, let holdEndIO {
+            renewalWrites = holdEndIO.writeCalls - holdStartIO.writeCalls - progressCalls
+            renewalBytes = holdEndIO.writtenBytes - holdStartIO.writtenBytes - progressBytes
+        }
+        let sampleToken = tokens.first(where: { $0 != nil }).flatMap { $0 } ?? String(repeating: "0", count: 32)
+        let leaseArgument = settings.leaseTtlS.map { " \($0)" } ?? ""
+        let renewalRequestBytes = "n\n\(locks[0].key)\n\(sampleToken)\(leaseArgument)\n".utf8.count
+
+        return Result(holders: count, fileLimit: fileLimit, acquireS: acquireS,
+                      acquireFailures: acquired.failures, firstAcquireError: acquired.firstError,
+                      holdS: holdS, heldAtEnd: count - seenLost, seenLost: seenLost,
+                      lockLostCalls: lockLostCalls.value,
+                      releaseFailures: released.failures, firstReleaseError: released.firstError,
+                      renewalWrites: renewalWrites, renewalBytes: renewalBytes, renewalRequestBytes: renewalRequestBytes,
+                      expectedRenewals: expectedRenewals(holdS: holdS),
+                      holdCPU: holdCPU, baselineRSS: baselineRSS, heldRSS: heldRSS, afterHoldRSS: afterHoldRSS,
+                      peakRSSKiB: ProcessMemory.peakRSSKiB())
+    }
+
+    /// Renewals the hold should see: each lock renews every `lease × ratio` seconds; dflockd
+    /// 0.5.0 answers a renewal with the remaining seconds rounded down (lease − 1), which the
+    /// library then schedules from, so the interval lies between `(lease − 1) × ratio` and
+    /// `lease × ratio`.
+    private func expectedRenewals(holdS: Double) -> ClosedRange<Int>? {
+        guard let lease = settings.leaseTtlS else { return nil }
+        let longest = Double(lease) * settings.renewRatio
+        let shortest = Double(max(1, lease - 1)) * settings.renewRatio
+        let low = Int((holdS / longest).rounded(.down)) * settings.holders
+        let high = Int((holdS / shortest).rounded(.up)) * settings.holders
+        return low...high
+    }
+
+    /// Runs `operation` on every lock on the loop thread with at most `concurrency` in flight,
+    /// showing progress, and returns how many failed (and the first failure).
+    private func runWindowed(_ locks: [DistributedLock], progress: ProgressLine, verb: String,
+                             _ operation: @escaping (DistributedLock, @escaping (String?) -> Void) -> Void) -> (failures: Int, firstError: String?) {
+        let window = Window(locks: locks, concurrency: settings.concurrency, operation: operation)
+        let done = DispatchSemaphore(value: 0)
+        let box = UncheckedBox(window)
+        loop.execute { box.value.start { done.signal() } }
+        progress.wait(for: done) { "holders: \(verb) \(window.finishedCount.value)/\(locks.count)" }
+        return (window.failures, window.firstError)
+    }
+
+    /// Raises the soft limit on open files to cover one socket per lock plus a margin, or says
+    /// why it cannot.
+    private func raiseFileLimit(toHold holders: Int) throws -> Int {
+        let needed = rlim_t(holders + 64)
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return -1 }
+        if limit.rlim_cur >= needed { return Int(limit.rlim_cur) }
+        guard limit.rlim_max >= needed else {
+            throw BenchFailure("holding \(holders) locks needs \(needed) open files (one socket each, plus a margin), but `ulimit -n` allows at most \(limit.rlim_max)")
+        }
+        limit.rlim_cur = needed
+        guard setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else {
+            throw BenchFailure("could not raise the open-file limit to \(needed)")
+        }
+        return Int(needed)
+    }
+}
+
+/// Starts an operation per lock, keeping `concurrency` in flight. Loop thread only, except
+/// `finishedCount` (read by the progress line) and the results (read after `done`).
+private final class Window {
+    let locks: [DistributedLock]
+    let concurrency: Int
+    let operation: (DistributedLock, @escaping (String?) -> Void) -> Void
+    let finishedCount = Counter()
+    private(set) var failures = 0
+    private(set) var firstError: String?
+    private var next = 0
+    private var inFlight = 0
+    private var finished = 0
+    private var done: (() -> Void)?
+
+    init(locks: [DistributedLock], concurrency: Int, operation: @escaping (DistributedLock, @escaping (String?) -> Void) -> Void) {
+        self.locks = locks
+        self.concurrency = concurrency
+        self.operation = operation
+    }
+
+    func start(done: @escaping () -> Void) {
+        self.done = done
+        if locks.isEmpty { return done() }
+        launch()
+    }
+
+    private func launch() {
+        while inFlight < concurrency && next < locks.count {
+            let lock = locks[next]
+            next += 1
+            inFlight += 1
+            operation(lock) { [self] error in
+                inFlight -= 1
+                finished += 1
+                finishedCount.increment()
+                if let error {
+                    failures += 1
+                    if firstError == nil { firstError = error }
+                }
+                if finished == locks.count {
+                    done?()
+                    done = nil
+                } else {
+                    launch()
+                }
+            }
+        }
+    }
+}
+
+/// Hands a loop-confined object to the loop thread.
+struct UncheckedBox<Value>: @unchecked Sendable {
+    let value: Value
+    init(_ value: Value) { self.value = value }
+}
+
+func sleepNanoseconds(_ nanoseconds: UInt64) {
+    var request = timespec(tv_sec: Int(nanoseconds / 1_000_000_000), tv_nsec: Int(nanoseconds % 1_000_000_000))
+    var remaining = timespec()
+    while nanosleep(&request, &remaining) != 0 && errno == EINTR { request = remaining }
+}
+
+extension HoldersBenchmark.Result {
+    func text(_ settings: HoldersBenchmark.Settings) -> String {
+        let mib = { (bytes: Int) in formatted(Double(bytes) / 1_048_576, decimals: 1) + " MiB" }
+        var renewals = "unknown (/proc/self/io unreadable)"
+        if let renewalWrites {
+            renewals = "\(renewalWrites) (write(2) calls in the \(formatted(holdS, decimals: 1)) s hold, /proc/self/io"
+            if let bytesAgree { renewals += bytesAgree ? "; bytes agree" : "; bytes DISAGREE: \(renewalBytes ?? 0) written, \(renewalRequestBytes) per renewal" }
+            if let expectedRenewals { renewals += "; expected \(expectedRenewals.lowerBound)...\(expectedRenewals.upperBound)" }
+            renewals += ")"
+        }
+        var lines = [
+            "bench: holders=\(holders), hold=\(settings.holdSeconds)s, lease=\(settings.leaseTtlS.map { "\($0)s" } ?? "server default"), renew_ratio=\(settings.renewRatio) "
+                + "(key_prefix=\(settings.keyPrefix.debugDescription), servers=\(settings.servers.map(\.description).joined(separator: ",")), "
+                + "in flight=\(settings.concurrency), open files limit=\(fileLimit))",
+            "",
+            "  time to acquire all : \(formatted(acquireS))s (\(formatted(Double(holders) / acquireS, decimals: 1)) locks/s)\(acquireFailures > 0 ? "; \(acquireFailures) FAILED, first: \(firstAcquireError ?? "")" : "")",
+            "  held at end         : \(heldAtEnd)/\(holders) (state held, same token as when the hold began)",
+            "  renewals done       : \(renewals)",
+            "  renewals failed     : \(renewalsFailed) (onLockLost calls \(lockLostCalls), seen not held or re-granted \(seenLost), releases rejected \(releaseFailures))",
+            "  CPU per renewal     : \(cpuPerRenewalUs.map { formatted($0, decimals: 2) + " us" } ?? "n/a") (user \(formatted(holdCPU.userS))s + sys \(formatted(holdCPU.systemS))s during the hold)",
+            "  RSS per held lock   : \(formatted(rssPerLockBytes, decimals: 0)) B (/proc/self/statm: \(mib(baselineRSS)) before creating locks, \(mib(heldRSS)) with all held, \(mib(afterHoldRSS)) after the hold)",
+            "  peak RSS            : \(peakRSSKiB) KiB",
+        ]
+        if let firstReleaseError { lines.append("  first release error : \(firstReleaseError)") }
+        lines.append("  result              : \(passed ? "PASS" : "FAIL")")
+        return lines.joined(separator: "\n") + "\n"
+    }
+
+    func json(_ settings: HoldersBenchmark.Settings) -> JSONObject {
+        var object = JSONObject()
+        object.add("mode", "holders")
+        object.add("holders", holders)
+        object.add("hold_seconds", settings.holdSeconds)
+        object.add("lease_s", settings.leaseTtlS ?? 0)
+        object.add("renew_ratio", settings.renewRatio, decimals: 3)
+        object.add("acquire_concurrency", settings.concurrency)
+        object.add("servers", settings.servers.map(\.description))
+        object.add("open_files_limit", fileLimit)
+        object.add("acquire_all_s", acquireS, decimals: 6)
+        object.add("acquire_failures", acquireFailures)
+        object.add("hold_s", holdS, decimals: 6)
+        object.add("held_at_end", heldAtEnd)
+        object.add("renewals_done", renewalWrites ?? -1)
+        object.add("renewal_bytes_agree", bytesAgree ?? false)
+        object.add("renewals_expected_min", expectedRenewals?.lowerBound ?? -1)
+        object.add("renewals_expected_max", expectedRenewals?.upperBound ?? -1)
+        object.add("renewals_failed", renewalsFailed)
+        object.add("on_lock_lost_calls", lockLostCalls)
+        object.add("seen_lost", seenLost)
+        object.add("release_failures", releaseFailures)
+        object.add("hold_cpu_user_s", holdCPU.userS, decimals: 6)
+        object.add("hold_cpu_sys_s", holdCPU.systemS, decimals: 6)
+        object.add("cpu_us_per_renewal", cpuPerRenewalUs ?? .nan)
+        object.add("rss_baseline_bytes", baselineRSS)
+        object.add("rss_held_bytes", heldRSS)
+        object.add("rss_after_hold_bytes", afterHoldRSS)
+        object.add("rss_per_lock_bytes", rssPerLockBytes, decimals: 1)
+        object.add("peak_rss_kib", peakRSSKiB)
+        object.add("passed", passed)
+        return object
+    }
+}
