@@ -1,6 +1,7 @@
 import DflockdClient
 import Dispatch
 import Glibc
+import Synchronization
 
 /// Holders mode: N ``DistributedLock``s acquired and held at once on one event loop thread, each
 /// renewing its lease on its own timer, for `holdSeconds`.
@@ -9,10 +10,13 @@ import Glibc
 /// the process boundary: during the hold the only thing this process writes (besides its own
 /// progress line, which it counts and subtracts) is renewal requests, one `write(2)` each, so
 /// the change in `/proc/self/io`'s `syscw` is the number of renewals sent, and the change in
-/// `wchar` must equal that number times the size of one renewal request. Failed renewals are
-/// counted three ways: `onLockLost` calls, locks seen (once a second and at the end) not
-/// `.held` or holding a different token than when the hold began, and releases the server
-/// rejects at the end (a release succeeds only with the token that still holds the key).
+/// `wchar` must equal that number times the size of one renewal request.
+///
+/// A lock counts as failed when `onLockLost` named it, when it was seen (once a second and at
+/// the end) not `.held` or holding another token than when the hold began, or when the server,
+/// asked at the end on a connection of its own (`l <key> 0`), did not find the key taken.
+/// The locks are then closed, not released: dflockd 0.5.0 scans every lock on each disconnect,
+/// so 15,000 orderly releases take it minutes, which says nothing about the client.
 final class HoldersBenchmark: @unchecked Sendable {
     struct Settings {
         var holders: Int
@@ -32,11 +36,12 @@ final class HoldersBenchmark: @unchecked Sendable {
         var acquireFailures: Int
         var firstAcquireError: String?
         var holdS: Double
-        var heldAtEnd: Int
-        var seenLost: Int
         var lockLostCalls: Int
-        var releaseFailures: Int
-        var firstReleaseError: String?
+        var seenLost: Int
+        var serverNotHeld: Int
+        var firstServerError: String?
+        /// Locks that failed in any of the three ways, each counted once.
+        var failedLocks: Int
         var renewalWrites: Int?
         var renewalBytes: Int?
         var renewalRequestBytes: Int
@@ -47,8 +52,8 @@ final class HoldersBenchmark: @unchecked Sendable {
         var afterHoldRSS: Int
         var peakRSSKiB: Int
 
-        var renewalsFailed: Int { max(lockLostCalls, seenLost) + releaseFailures }
-        var passed: Bool { acquireFailures == 0 && renewalsFailed == 0 && heldAtEnd == holders }
+        var heldAtEnd: Int { holders - failedLocks }
+        var passed: Bool { acquireFailures == 0 && failedLocks == 0 }
         var rssPerLockBytes: Double { Double(heldRSS - baselineRSS) / Double(holders) }
         var bytesAgree: Bool? {
             guard let renewalWrites, let renewalBytes else { return nil }
@@ -62,7 +67,7 @@ final class HoldersBenchmark: @unchecked Sendable {
 
     let settings: Settings
     private let loop = EventLoop()
-    private let lockLostCalls = Counter()
+    private let lostKeys = LostKeys()
 
     init(settings: Settings) {
         self.settings = settings
@@ -74,7 +79,7 @@ final class HoldersBenchmark: @unchecked Sendable {
         let progress = ProgressLine()
         let count = settings.holders
 
-        // Settle the loop thread and this thread's allocations before the baseline.
+        // Settle the loop thread before the baseline.
         let ready = DispatchSemaphore(value: 0)
         loop.execute { ready.signal() }
         ready.wait()
@@ -87,12 +92,13 @@ final class HoldersBenchmark: @unchecked Sendable {
             let key = "\(settings.keyPrefix)_holder_\(tag)_\(String(repeating: "0", count: width - number.count))\(number)"
             return try DistributedLock(key: key, acquireTimeoutS: settings.timeoutS, leaseTtlS: settings.leaseTtlS,
                                        servers: settings.servers.map(\.pair), renewRatio: settings.renewRatio,
-                                       onLockLost: { [lockLostCalls] _, _ in lockLostCalls.increment() }, loop: loop)
+                                       onLockLost: { [lostKeys] key, _ in lostKeys.insert(key) }, loop: loop)
         }
 
         // Acquire every lock, `concurrency` at a time.
         let acquireStart = monotonicNanoseconds()
-        let acquired = runWindowed(locks, progress: progress, verb: "acquired") { lock, finish in
+        let acquired = runWindowed(count, concurrency: settings.concurrency, progress: progress, verb: "acquired") { index, finish in
+            let lock = locks[index]
             lock.acquire { result in
                 switch result {
                 case .success(true): finish(nil)
@@ -106,11 +112,11 @@ final class HoldersBenchmark: @unchecked Sendable {
         let tokens = locks.map(\.token)
 
         // Hold. This thread only reads the locks' published state, once a second.
-        var lost = [Bool](repeating: false, count: count)
-        for index in 0..<count where tokens[index] == nil { lost[index] = true }
+        var seenLost = [Bool](repeating: false, count: count)
+        for index in 0..<count where tokens[index] == nil { seenLost[index] = true }
         func check() {
-            for index in 0..<count where !lost[index] {
-                if locks[index].state != .held || locks[index].token != tokens[index] { lost[index] = true }
+            for index in 0..<count where !seenLost[index] {
+                if locks[index].state != .held || locks[index].token != tokens[index] { seenLost[index] = true }
             }
         }
         let holdStartCPU = CPUTime.now()
@@ -127,8 +133,8 @@ final class HoldersBenchmark: @unchecked Sendable {
             sleepNanoseconds(min(nextTick, holdEnd) - now)
             check()
             let elapsed = Double(monotonicNanoseconds() - holdStart) / 1e9
-            let seen = lost.lazy.filter { $0 }.count
-            progress.update("holders: holding \(count - seen)/\(count), \(formatted(elapsed, decimals: 0))/\(settings.holdSeconds) s, onLockLost \(lockLostCalls.value)")
+            let seen = seenLost.lazy.filter { $0 }.count
+            progress.update("holders: holding \(count - seen)/\(count), \(formatted(elapsed, decimals: 0))/\(settings.holdSeconds) s, onLockLost \(lostKeys.calls)")
         }
         let holdS = Double(monotonicNanoseconds() - holdStart) / 1e9
         let holdCPU = CPUTime.now() - holdStartCPU
@@ -138,15 +144,24 @@ final class HoldersBenchmark: @unchecked Sendable {
         progress.finish()
         check()
         let afterHoldRSS = ProcessMemory.currentRSSBytes() ?? 0
-        let seenLost = lost.lazy.filter { $0 }.count
 
-        // Release every lock: the server accepts a release only from the token that holds it.
-        let released = runWindowed(locks, progress: progress, verb: "released") { lock, finish in
-            lock.release { result in
-                if case .failure(let error) = result { return finish("release of \(lock.key): \(error)") }
-                finish(nil)
+        // Ask the server: from a connection that holds nothing, `l <key> 0` must time out.
+        let probes = settings.servers.map { try! Connection(host: $0.host, port: $0.port, loop: loop) }
+        let probed = runWindowed(count, concurrency: count, progress: progress, verb: "server confirms held") { index, finish in
+            let key = locks[index].key
+            probes[stableHashShard(key, probes.count)].acquire(key: key, timeoutS: 0) { result in
+                switch result {
+                case .success(nil): finish(nil)
+                case .success(_?): finish("the server granted \(key) to another connection: nobody held it")
+                case .failure(let error): finish("probing \(key): \(error)")
+                }
             }
         }
+        for probe in probes { probe.close() }
+
+        var failed = seenLost
+        for index in probed.failedIndices { failed[index] = true }
+        for index in 0..<count where lostKeys.contains(locks[index].key) { failed[index] = true }
 
         var renewalWrites: Int?
         var renewalBytes: Int?
@@ -159,10 +174,10 @@ final class HoldersBenchmark: @unchecked Sendable {
         let renewalRequestBytes = "n\n\(locks[0].key)\n\(sampleToken)\(leaseArgument)\n".utf8.count
 
         return Result(holders: count, fileLimit: fileLimit, acquireS: acquireS,
-                      acquireFailures: acquired.failures, firstAcquireError: acquired.firstError,
-                      holdS: holdS, heldAtEnd: count - seenLost, seenLost: seenLost,
-                      lockLostCalls: lockLostCalls.value,
-                      releaseFailures: released.failures, firstReleaseError: released.firstError,
+                      acquireFailures: acquired.failedIndices.count, firstAcquireError: acquired.firstError,
+                      holdS: holdS, lockLostCalls: lostKeys.calls, seenLost: seenLost.lazy.filter { $0 }.count,
+                      serverNotHeld: probed.failedIndices.count, firstServerError: probed.firstError,
+                      failedLocks: failed.lazy.filter { $0 }.count,
                       renewalWrites: renewalWrites, renewalBytes: renewalBytes, renewalRequestBytes: renewalRequestBytes,
                       expectedRenewals: expectedRenewals(holdS: holdS),
                       holdCPU: holdCPU, baselineRSS: baselineRSS, heldRSS: heldRSS, afterHoldRSS: afterHoldRSS,
@@ -182,16 +197,16 @@ final class HoldersBenchmark: @unchecked Sendable {
         return low...high
     }
 
-    /// Runs `operation` on every lock on the loop thread with at most `concurrency` in flight,
-    /// showing progress, and returns how many failed (and the first failure).
-    private func runWindowed(_ locks: [DistributedLock], progress: ProgressLine, verb: String,
-                             _ operation: @escaping (DistributedLock, @escaping (String?) -> Void) -> Void) -> (failures: Int, firstError: String?) {
-        let window = Window(locks: locks, concurrency: settings.concurrency, operation: operation)
+    /// Runs `operation` for indices `0..<count` on the loop thread with at most `concurrency` in
+    /// flight, showing progress; returns the indices that failed and the first failure.
+    private func runWindowed(_ count: Int, concurrency: Int, progress: ProgressLine, verb: String,
+                             _ operation: @escaping (Int, @escaping (String?) -> Void) -> Void) -> (failedIndices: [Int], firstError: String?) {
+        let window = Window(count: count, concurrency: concurrency, operation: operation)
         let done = DispatchSemaphore(value: 0)
         let box = UncheckedBox(window)
         loop.execute { box.value.start { done.signal() } }
-        progress.wait(for: done) { "holders: \(verb) \(window.finishedCount.value)/\(locks.count)" }
-        return (window.failures, window.firstError)
+        progress.wait(for: done) { "holders: \(verb) \(window.finishedCount.value)/\(count)" }
+        return (window.failedIndices, window.firstError)
     }
 
     /// Raises the soft limit on open files to cover one socket per lock plus a margin, or says
@@ -212,46 +227,46 @@ final class HoldersBenchmark: @unchecked Sendable {
     }
 }
 
-/// Starts an operation per lock, keeping `concurrency` in flight. Loop thread only, except
+/// Starts an operation per index, keeping `concurrency` in flight. Loop thread only, except
 /// `finishedCount` (read by the progress line) and the results (read after `done`).
 private final class Window {
-    let locks: [DistributedLock]
+    let count: Int
     let concurrency: Int
-    let operation: (DistributedLock, @escaping (String?) -> Void) -> Void
+    let operation: (Int, @escaping (String?) -> Void) -> Void
     let finishedCount = Counter()
-    private(set) var failures = 0
+    private(set) var failedIndices: [Int] = []
     private(set) var firstError: String?
     private var next = 0
     private var inFlight = 0
     private var finished = 0
     private var done: (() -> Void)?
 
-    init(locks: [DistributedLock], concurrency: Int, operation: @escaping (DistributedLock, @escaping (String?) -> Void) -> Void) {
-        self.locks = locks
+    init(count: Int, concurrency: Int, operation: @escaping (Int, @escaping (String?) -> Void) -> Void) {
+        self.count = count
         self.concurrency = concurrency
         self.operation = operation
     }
 
     func start(done: @escaping () -> Void) {
         self.done = done
-        if locks.isEmpty { return done() }
+        if count == 0 { return done() }
         launch()
     }
 
     private func launch() {
-        while inFlight < concurrency && next < locks.count {
-            let lock = locks[next]
+        while inFlight < concurrency && next < count {
+            let index = next
             next += 1
             inFlight += 1
-            operation(lock) { [self] error in
+            operation(index) { [self] error in
                 inFlight -= 1
                 finished += 1
                 finishedCount.increment()
                 if let error {
-                    failures += 1
+                    failedIndices.append(index)
                     if firstError == nil { firstError = error }
                 }
-                if finished == locks.count {
+                if finished == count {
                     done?()
                     done = nil
                 } else {
@@ -260,6 +275,14 @@ private final class Window {
             }
         }
     }
+}
+
+/// The keys `onLockLost` reported (it runs on the loop thread; the main thread reads).
+private final class LostKeys: Sendable {
+    private let state = Mutex<(calls: Int, keys: Set<String>)>((0, []))
+    func insert(_ key: String) { state.withLock { $0.calls += 1; $0.keys.insert(key) } }
+    func contains(_ key: String) -> Bool { state.withLock { $0.keys.contains(key) } }
+    var calls: Int { state.withLock { $0.calls } }
 }
 
 /// Hands a loop-confined object to the loop thread.
@@ -290,14 +313,14 @@ extension HoldersBenchmark.Result {
                 + "in flight=\(settings.concurrency), open files limit=\(fileLimit))",
             "",
             "  time to acquire all : \(formatted(acquireS))s (\(formatted(Double(holders) / acquireS, decimals: 1)) locks/s)\(acquireFailures > 0 ? "; \(acquireFailures) FAILED, first: \(firstAcquireError ?? "")" : "")",
-            "  held at end         : \(heldAtEnd)/\(holders) (state held, same token as when the hold began)",
+            "  held at end         : \(heldAtEnd)/\(holders) (state held with the token it had when the hold began, and the server confirms the key taken)",
             "  renewals done       : \(renewals)",
-            "  renewals failed     : \(renewalsFailed) (onLockLost calls \(lockLostCalls), seen not held or re-granted \(seenLost), releases rejected \(releaseFailures))",
+            "  renewals failed     : \(failedLocks) (onLockLost calls \(lockLostCalls), seen not held or with another token \(seenLost), free at the server \(serverNotHeld))",
             "  CPU per renewal     : \(cpuPerRenewalUs.map { formatted($0, decimals: 2) + " us" } ?? "n/a") (user \(formatted(holdCPU.userS))s + sys \(formatted(holdCPU.systemS))s during the hold)",
             "  RSS per held lock   : \(formatted(rssPerLockBytes, decimals: 0)) B (/proc/self/statm: \(mib(baselineRSS)) before creating locks, \(mib(heldRSS)) with all held, \(mib(afterHoldRSS)) after the hold)",
             "  peak RSS            : \(peakRSSKiB) KiB",
         ]
-        if let firstReleaseError { lines.append("  first release error : \(firstReleaseError)") }
+        if let firstServerError { lines.append("  first server check  : \(firstServerError)") }
         lines.append("  result              : \(passed ? "PASS" : "FAIL")")
         return lines.joined(separator: "\n") + "\n"
     }
@@ -320,10 +343,10 @@ extension HoldersBenchmark.Result {
         object.add("renewal_bytes_agree", bytesAgree ?? false)
         object.add("renewals_expected_min", expectedRenewals?.lowerBound ?? -1)
         object.add("renewals_expected_max", expectedRenewals?.upperBound ?? -1)
-        object.add("renewals_failed", renewalsFailed)
+        object.add("renewals_failed", failedLocks)
         object.add("on_lock_lost_calls", lockLostCalls)
         object.add("seen_lost", seenLost)
-        object.add("release_failures", releaseFailures)
+        object.add("server_not_held", serverNotHeld)
         object.add("hold_cpu_user_s", holdCPU.userS, decimals: 6)
         object.add("hold_cpu_sys_s", holdCPU.systemS, decimals: 6)
         object.add("cpu_us_per_renewal", cpuPerRenewalUs ?? .nan)
