@@ -3,11 +3,20 @@
 #   make build   swift build (debug)
 #   make test    setup, then swift test (unit tests + tests against a real dflockd)
 #   make demo    setup, then run the Demo example against a real dflockd on a free port
+#   make bench   release build of dflockd-bench, then it and the Python client (async API) on one
+#                real dflockd: one table of throughput, p50, p99, client CPU per op and ratios
+#   make bench-holders   dflockd-bench holding 15,000 locks for 60 s on one loop thread
 #   make clean   remove build products (.build); `make distclean` also removes .venv
 
 SWIFT ?= $(shell command -v swift 2>/dev/null || echo /opt/swift/usr/bin/swift)
 
-.PHONY: setup build test demo clean distclean
+BENCH_WORKERS ?= 100
+BENCH_ROUNDS ?= 500
+BENCH_HOLDERS ?= 15000
+BENCH_HOLD_SECONDS ?= 60
+BENCH_LEASE ?= 10
+
+.PHONY: setup build test demo bench bench-build bench-holders clean distclean
 
 setup:
 	@bash Tests/scripts/setup
@@ -23,6 +32,22 @@ test: setup
 demo: setup
 	$(SWIFT) build --product Demo
 	bash Tests/scripts/with-server --append-port-arg -- "$$($(SWIFT) build --show-bin-path)/Demo"
+
+bench-build:
+	$(SWIFT) build -c release --product dflockd-bench
+
+bench: setup bench-build
+	bash Tests/scripts/with-server --max-locks 100000 -- .venv/bin/python Benchmarks/compare.py \
+		--bench "$$($(SWIFT) build -c release --show-bin-path)/dflockd-bench" \
+		--workers $(BENCH_WORKERS) --rounds $(BENCH_ROUNDS) --lease $(BENCH_LEASE)
+
+# One socket per held lock: the server and the client each need ulimit -n above BENCH_HOLDERS.
+bench-holders: setup bench-build
+	@echo "ulimit -n: $$(ulimit -n) (soft), $$(ulimit -Hn) (hard); $(BENCH_HOLDERS) holders need one socket each"
+	bash Tests/scripts/with-server --max-locks 20000 -- bash -c '"$$0" --servers "127.0.0.1:$$DFLOCKD_PORT" \
+		--holders $(BENCH_HOLDERS) --hold-seconds $(BENCH_HOLD_SECONDS) --lease $(BENCH_LEASE); status=$$?; \
+		echo "  server log: $$(grep -c " cmd=n " "$$DFLOCKD_SERVER_LOG") renew requests received over the whole run (acquire, hold and release phases)"; \
+		exit $$status' "$$($(SWIFT) build -c release --show-bin-path)/dflockd-bench"
 
 clean:
 	rm -rf .build

@@ -1,0 +1,143 @@
+"""Runs dflockd-bench and the Python client's benchmark on one server, one after the other,
+and prints one table: throughput, p50, p99 and client CPU per op of each, with the ratios.
+
+Run it under Tests/scripts/with-server (that is what `make bench` does): it reads the server's
+port from DFLOCKD_PORT and, when set, its process id from DFLOCKD_SERVER_PID, to show how busy
+the server was during each run (dflockd 0.5.0 is one Python process: near 100 % of a core
+means the server, not the client, set the pace).
+
+    Tests/scripts/with-server --max-locks 100000 -- .venv/bin/python Benchmarks/compare.py \\
+        --bench .build/release/dflockd-bench --workers 100 --rounds 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_s(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # fields[0] is the state (field 3); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def run(label: str, command: list[str], server_pid: int | None) -> dict:
+    print(f"compare: {label}: {' '.join(command)}", file=sys.stderr, flush=True)
+    cpu0 = server_cpu_s(server_pid)
+    machine0 = machine_ticks()
+    t0 = time.monotonic()
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    elapsed = time.monotonic() - t0
+    cpu1 = server_cpu_s(server_pid)
+    machine1 = machine_ticks()
+    if done.returncode != 0:
+        sys.exit(f"compare: {label} failed with status {done.returncode}")
+    result = json.loads(done.stdout)
+    result["label"] = label
+    result["machine_busy"] = (machine1[0] - machine0[0]) / max(1, machine1[1] - machine0[1])
+    if cpu0 is not None and cpu1 is not None:
+        result["server_busy"] = (cpu1 - cpu0) / elapsed
+        result["server_cpu_us_per_op"] = (cpu1 - cpu0) / result["total_ops"] * 1e6
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bench", required=True, help="path of the dflockd-bench binary")
+    parser.add_argument("--python", default=sys.executable, help="Python with dflockd-client installed")
+    parser.add_argument("--workers", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=500)
+    parser.add_argument("--lease", type=int, default=10)
+    parser.add_argument("--timeout", type=int, default=30)
+    args = parser.parse_args()
+
+    port = os.environ.get("DFLOCKD_PORT")
+    if not port:
+        sys.exit("compare: DFLOCKD_PORT is not set; run under Tests/scripts/with-server")
+    pid_text = os.environ.get("DFLOCKD_SERVER_PID")
+    server_pid = int(pid_text) if pid_text else None
+    common = ["--servers", f"127.0.0.1:{port}", "--workers", str(args.workers), "--rounds", str(args.rounds),
+              "--lease", str(args.lease), "--timeout", str(args.timeout), "--json"]
+
+    runs = [
+        run("swift callbacks", [args.bench, *common], server_pid),
+        run("swift --pipeline", [args.bench, *common, "--pipeline"], server_pid),
+        run("swift --api async", [args.bench, *common, "--api", "async"], server_pid),
+        run("python async", [args.python, os.path.join(HERE, "python_bench.py"), *common], server_pid),
+    ]
+    swift, pipelined, python = runs[0], runs[1], runs[3]
+
+    load = os.getloadavg()
+    print()
+    print(f"workload: {args.workers} workers x {args.rounds} rounds of acquire + release, each worker on its own key "
+          f"and one persistent connection (lease {args.lease} s)")
+    print(f"server:   dflockd 0.5.0 (Python) on 127.0.0.1:{port}; machine: {os.cpu_count()} CPUs, "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} after the runs")
+    print()
+    header = (f"{'client':<24}{'ops/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU/op us':>12}"
+              f"{'server busy':>13}{'all CPUs busy':>15}")
+    print(header)
+    print("-" * len(header))
+    for r in runs:
+        busy = f"{r['server_busy'] * 100:.0f} %" if "server_busy" in r else "n/a"
+        print(f"{r['label']:<24}{r['throughput_ops_per_s']:>10.1f}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}"
+              f"{r['cpu_us_per_op']:>12.2f}{busy:>13}{r['machine_busy'] * 100:>13.0f} %")
+    print("(server busy: the dflockd process's CPU time over the run, in % of one core; all CPUs busy: "
+          "the whole machine, every process, from /proc/stat)")
+    print()
+
+    def ratio(name: str, a: dict, b: dict) -> float:
+        return a[name] / b[name]
+
+    print("swift callbacks / python async:  "
+          f"throughput x{ratio('throughput_ops_per_s', swift, python):.2f}, "
+          f"p50 x{ratio('p50_ms', swift, python):.2f}, p99 x{ratio('p99_ms', swift, python):.2f}, "
+          f"CPU/op x{ratio('cpu_us_per_op', swift, python):.3f} (1/{python['cpu_us_per_op'] / swift['cpu_us_per_op']:.1f})")
+    print("swift --pipeline / callbacks:    "
+          f"throughput x{ratio('throughput_ops_per_s', pipelined, swift):.2f}, "
+          f"CPU/op x{ratio('cpu_us_per_op', pipelined, swift):.3f}")
+    print()
+    checks = [
+        ("client CPU per op <= 1/8 of python's", swift["cpu_us_per_op"] <= python["cpu_us_per_op"] / 8),
+        ("throughput >= python's", swift["throughput_ops_per_s"] >= python["throughput_ops_per_s"]),
+        ("--pipeline no slower than without", pipelined["throughput_ops_per_s"] >= swift["throughput_ops_per_s"]),
+    ]
+    for name, ok in checks:
+        print(f"  target {name:<40} {'met' if ok else 'NOT met'}")
+    if "server_busy" in swift:
+        if swift["server_busy"] >= 0.85:
+            verdict = "the server sets the pace"
+        elif swift["machine_busy"] >= 0.9:
+            verdict = "every CPU of the machine was busy: the server (and the clients) waited for CPU, not for each other"
+        else:
+            verdict = "the server had room to spare"
+        print(f"  during the swift run the server used {swift['server_busy'] * 100:.0f} % of one core "
+              f"({swift['server_cpu_us_per_op']:.0f} us of server CPU per op) and the machine was "
+              f"{swift['machine_busy'] * 100:.0f} % busy: {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
