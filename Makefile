@@ -44,9 +44,12 @@ bench: setup bench-build
 # One socket per held lock: the server and the client each need ulimit -n above BENCH_HOLDERS.
 bench-holders: setup bench-build
 	@echo "ulimit -n: $$(ulimit -n) (soft), $$(ulimit -Hn) (hard); $(BENCH_HOLDERS) holders need one socket each"
-	bash Tests/scripts/with-server --max-locks 20000 -- bash -c '"$$0" --servers "127.0.0.1:$$DFLOCKD_PORT" \
-		--holders $(BENCH_HOLDERS) --hold-seconds $(BENCH_HOLD_SECONDS) --lease $(BENCH_LEASE); status=$$?; \
-		echo "  server log: $$(grep -c " cmd=n " "$$DFLOCKD_SERVER_LOG") renew requests received over the whole run (acquire, hold and release phases)"; \
+	bash Tests/scripts/with-server --max-locks 20000 -- bash -c 'start=$$SECONDS; \
+		"$$0" --servers "127.0.0.1:$$DFLOCKD_PORT" --holders $(BENCH_HOLDERS) --hold-seconds $(BENCH_HOLD_SECONDS) --lease $(BENCH_LEASE); \
+		status=$$?; \
+		echo "  server, whole run   : $$(grep -c " cmd=n " "$$DFLOCKD_SERVER_LOG") renew requests in its log;" \
+			"$$(awk -v t=$$(getconf CLK_TCK) "{ printf \"%.1f\", (\$$14 + \$$15) / t }" /proc/$$DFLOCKD_SERVER_PID/stat) s CPU in $$((SECONDS - start)) s;" \
+			"load average $$(cut -d" " -f1-3 /proc/loadavg)"; \
 		exit $$status' "$$($(SWIFT) build -c release --show-bin-path)/dflockd-bench"
 
 clean:

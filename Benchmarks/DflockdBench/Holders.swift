@@ -15,6 +15,9 @@ import Synchronization
 /// A lock counts as failed when `onLockLost` named it, when it was seen (once a second and at
 /// the end) not `.held` or holding another token than when the hold began, or when the server,
 /// asked at the end on a connection of its own (`l <key> 0`), did not find the key taken.
+/// Once a second the main thread also times one request to each server on a blocking socket
+/// of its own (its writes are taken out of the count too): when locks are lost, that tells a
+/// slow server from a slow client.
 /// The locks are then closed, not released: dflockd 0.5.0 scans every lock on each disconnect,
 /// so 15,000 orderly releases take it minutes, which says nothing about the client.
 final class HoldersBenchmark: @unchecked Sendable {
@@ -40,8 +43,13 @@ final class HoldersBenchmark: @unchecked Sendable {
         var seenLost: Int
         var serverNotHeld: Int
         var firstServerError: String?
-        /// Locks that failed in any of the three ways, each counted once.
+        /// Locks lost by the end of the hold (onLockLost or seen), each counted once.
+        var failedDuringHold: Int
+        /// Locks that failed in any of the three ways by the end of the server check.
         var failedLocks: Int
+        /// The server's answer times sampled once a second during the hold, in ms.
+        var serverRTTsMs: [Double]
+        var serverPingsUnanswered: Int
         var renewalWrites: Int?
         var renewalBytes: Int?
         var renewalRequestBytes: Int
@@ -53,7 +61,7 @@ final class HoldersBenchmark: @unchecked Sendable {
         var peakRSSKiB: Int
 
         var heldAtEnd: Int { holders - failedLocks }
-        var passed: Bool { acquireFailures == 0 && failedLocks == 0 }
+        var passed: Bool { acquireFailures == 0 && failedDuringHold == 0 && failedLocks == 0 }
         var rssPerLockBytes: Double { Double(heldRSS - baselineRSS) / Double(holders) }
         var bytesAgree: Bool? {
             guard let renewalWrites, let renewalBytes else { return nil }
@@ -119,6 +127,9 @@ final class HoldersBenchmark: @unchecked Sendable {
                 if locks[index].state != .held || locks[index].token != tokens[index] { seenLost[index] = true }
             }
         }
+        let pingers = try settings.servers.map { try ServerPinger(server: $0, key: "\(settings.keyPrefix)_holder_\(tag)_ping") }
+        var rtts: [Double] = []
+        var unanswered = 0
         let holdStartCPU = CPUTime.now()
         let holdStartIO = IOCounters.now()
         let progressCallsBefore = progress.writeCalls
@@ -132,22 +143,36 @@ final class HoldersBenchmark: @unchecked Sendable {
             if now >= holdEnd { break }
             sleepNanoseconds(min(nextTick, holdEnd) - now)
             check()
+            var lastRTT = "-"
+            for pinger in pingers {
+                if let rtt = pinger.ping() {
+                    rtts.append(rtt)
+                    lastRTT = formatted(rtt, decimals: 1)
+                } else {
+                    unanswered += 1
+                }
+            }
             let elapsed = Double(monotonicNanoseconds() - holdStart) / 1e9
             let seen = seenLost.lazy.filter { $0 }.count
-            progress.update("holders: holding \(count - seen)/\(count), \(formatted(elapsed, decimals: 0))/\(settings.holdSeconds) s, onLockLost \(lostKeys.calls)")
+            progress.update("holders: holding \(count - seen)/\(count), \(formatted(elapsed, decimals: 0))/\(settings.holdSeconds) s, "
+                            + "onLockLost \(lostKeys.calls), server answers in \(lastRTT) ms")
         }
         let holdS = Double(monotonicNanoseconds() - holdStart) / 1e9
         let holdCPU = CPUTime.now() - holdStartCPU
         let holdEndIO = IOCounters.now()
-        let progressCalls = progress.writeCalls - progressCallsBefore
-        let progressBytes = progress.writtenBytes - progressBytesBefore
+        let ownCalls = progress.writeCalls - progressCallsBefore + pingers.reduce(0) { $0 + $1.writeCalls }
+        let ownBytes = progress.writtenBytes - progressBytesBefore + pingers.reduce(0) { $0 + $1.writtenBytes }
         progress.finish()
         check()
+        let lostAtHoldEnd = lostKeys.keys
+        var failed = seenLost
+        for index in 0..<count where lostAtHoldEnd.contains(locks[index].key) { failed[index] = true }
+        let failedDuringHold = failed.lazy.filter { $0 }.count
         let afterHoldRSS = ProcessMemory.currentRSSBytes() ?? 0
 
         // Ask the server: from a connection that holds nothing, `l <key> 0` must time out.
         let probes = settings.servers.map { try! Connection(host: $0.host, port: $0.port, loop: loop) }
-        let probed = runWindowed(count, concurrency: count, progress: progress, verb: "server confirms held") { index, finish in
+        let probed = runWindowed(count, concurrency: settings.concurrency, progress: progress, verb: "server confirms held") { index, finish in
             let key = locks[index].key
             probes[stableHashShard(key, probes.count)].acquire(key: key, timeoutS: 0) { result in
                 switch result {
@@ -159,15 +184,15 @@ final class HoldersBenchmark: @unchecked Sendable {
         }
         for probe in probes { probe.close() }
 
-        var failed = seenLost
         for index in probed.failedIndices { failed[index] = true }
-        for index in 0..<count where lostKeys.contains(locks[index].key) { failed[index] = true }
+        let lostByEnd = lostKeys.keys
+        for index in 0..<count where lostByEnd.contains(locks[index].key) { failed[index] = true }
 
         var renewalWrites: Int?
         var renewalBytes: Int?
         if let holdStartIO, let holdEndIO {
-            renewalWrites = holdEndIO.writeCalls - holdStartIO.writeCalls - progressCalls
-            renewalBytes = holdEndIO.writtenBytes - holdStartIO.writtenBytes - progressBytes
+            renewalWrites = holdEndIO.writeCalls - holdStartIO.writeCalls - ownCalls
+            renewalBytes = holdEndIO.writtenBytes - holdStartIO.writtenBytes - ownBytes
         }
         let sampleToken = tokens.first(where: { $0 != nil }).flatMap { $0 } ?? String(repeating: "0", count: 32)
         let leaseArgument = settings.leaseTtlS.map { " \($0)" } ?? ""
@@ -177,7 +202,8 @@ final class HoldersBenchmark: @unchecked Sendable {
                       acquireFailures: acquired.failedIndices.count, firstAcquireError: acquired.firstError,
                       holdS: holdS, lockLostCalls: lostKeys.calls, seenLost: seenLost.lazy.filter { $0 }.count,
                       serverNotHeld: probed.failedIndices.count, firstServerError: probed.firstError,
-                      failedLocks: failed.lazy.filter { $0 }.count,
+                      failedDuringHold: failedDuringHold, failedLocks: failed.lazy.filter { $0 }.count,
+                      serverRTTsMs: rtts, serverPingsUnanswered: unanswered,
                       renewalWrites: renewalWrites, renewalBytes: renewalBytes, renewalRequestBytes: renewalRequestBytes,
                       expectedRenewals: expectedRenewals(holdS: holdS),
                       holdCPU: holdCPU, baselineRSS: baselineRSS, heldRSS: heldRSS, afterHoldRSS: afterHoldRSS,
@@ -281,7 +307,7 @@ private final class Window {
 private final class LostKeys: Sendable {
     private let state = Mutex<(calls: Int, keys: Set<String>)>((0, []))
     func insert(_ key: String) { state.withLock { $0.calls += 1; $0.keys.insert(key) } }
-    func contains(_ key: String) -> Bool { state.withLock { $0.keys.contains(key) } }
+    var keys: Set<String> { state.withLock { $0.keys } }
     var calls: Int { state.withLock { $0.calls } }
 }
 
@@ -301,6 +327,12 @@ extension HoldersBenchmark.Result {
     func text(_ settings: HoldersBenchmark.Settings) -> String {
         let mib = { (bytes: Int) in formatted(Double(bytes) / 1_048_576, decimals: 1) + " MiB" }
         var renewals = "unknown (/proc/self/io unreadable)"
+        let sortedRTTs = serverRTTsMs.sorted()
+        var rttSummary = "no sample"
+        if let slowest = sortedRTTs.last {
+            rttSummary = "median \(formatted(sortedRTTs[sortedRTTs.count / 2], decimals: 1)) ms, max \(formatted(slowest, decimals: 1)) ms"
+        }
+        if serverPingsUnanswered > 0 { rttSummary += ", \(serverPingsUnanswered) unanswered" }
         if let renewalWrites {
             renewals = "\(renewalWrites) (write(2) calls in the \(formatted(holdS, decimals: 1)) s hold, /proc/self/io"
             if let bytesAgree { renewals += bytesAgree ? "; bytes agree" : "; bytes DISAGREE: \(renewalBytes ?? 0) written, \(renewalRequestBytes) per renewal" }
@@ -315,7 +347,9 @@ extension HoldersBenchmark.Result {
             "  time to acquire all : \(formatted(acquireS))s (\(formatted(Double(holders) / acquireS, decimals: 1)) locks/s)\(acquireFailures > 0 ? "; \(acquireFailures) FAILED, first: \(firstAcquireError ?? "")" : "")",
             "  held at end         : \(heldAtEnd)/\(holders) (state held with the token it had when the hold began, and the server confirms the key taken)",
             "  renewals done       : \(renewals)",
-            "  renewals failed     : \(failedLocks) (onLockLost calls \(lockLostCalls), seen not held or with another token \(seenLost), free at the server \(serverNotHeld))",
+            "  renewals failed     : \(failedDuringHold) during the hold; \(failedLocks) by the end of the server check "
+                + "(onLockLost calls \(lockLostCalls), seen not held or with another token \(seenLost), free at the server \(serverNotHeld))",
+            "  server answer time  : \(rttSummary) (one request a second from another connection during the hold)",
             "  CPU per renewal     : \(cpuPerRenewalUs.map { formatted($0, decimals: 2) + " us" } ?? "n/a") (user \(formatted(holdCPU.userS))s + sys \(formatted(holdCPU.systemS))s during the hold)",
             "  RSS per held lock   : \(formatted(rssPerLockBytes, decimals: 0)) B (/proc/self/statm: \(mib(baselineRSS)) before creating locks, \(mib(heldRSS)) with all held, \(mib(afterHoldRSS)) after the hold)",
             "  peak RSS            : \(peakRSSKiB) KiB",
@@ -343,7 +377,9 @@ extension HoldersBenchmark.Result {
         object.add("renewal_bytes_agree", bytesAgree ?? false)
         object.add("renewals_expected_min", expectedRenewals?.lowerBound ?? -1)
         object.add("renewals_expected_max", expectedRenewals?.upperBound ?? -1)
-        object.add("renewals_failed", failedLocks)
+        object.add("renewals_failed", failedDuringHold)
+        object.add("failed_by_end", failedLocks)
+        object.add("server_rtt_max_ms", serverRTTsMs.max() ?? .nan)
         object.add("on_lock_lost_calls", lockLostCalls)
         object.add("seen_lost", seenLost)
         object.add("server_not_held", serverNotHeld)

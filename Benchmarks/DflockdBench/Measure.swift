@@ -166,3 +166,62 @@ struct LatencySummary {
     var p99Ms: Double
     var stdevMs: Double
 }
+
+/// Measures a server's answer time from the calling thread, on a blocking socket of its own:
+/// it sends a release of a key nobody holds (`r <key> 000…`), which every server answers with
+/// `error` at once and without side effects, and times the reply. Counts its own `write(2)`
+/// calls and bytes, which the holders mode takes out of the process's I/O counters.
+final class ServerPinger {
+    private var descriptor: Int32 = -1
+    private let request: [UInt8]
+    private(set) var writeCalls = 0
+    private(set) var writtenBytes = 0
+
+    init(server: Server, key: String) throws {
+        request = Array("r\n\(key)\n\(String(repeating: "0", count: 32))\n".utf8)
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var list: UnsafeMutablePointer<addrinfo>?
+        guard getaddrinfo(server.host, String(server.port), &hints, &list) == 0, let first = list else {
+            throw BenchFailure("cannot resolve \(server)")
+        }
+        defer { freeaddrinfo(list) }
+        let fd = socket(first.pointee.ai_family, first.pointee.ai_socktype, first.pointee.ai_protocol)
+        guard fd >= 0, connect(fd, first.pointee.ai_addr, first.pointee.ai_addrlen) == 0 else {
+            if fd >= 0 { close(fd) }
+            throw BenchFailure("cannot connect to \(server) to time its answers")
+        }
+        var one: Int32 = 1
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        var timeout = timeval(tv_sec: 30, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        descriptor = fd
+    }
+
+    deinit {
+        if descriptor >= 0 { close(descriptor) }
+    }
+
+    /// One round trip in milliseconds, or nil when the server did not answer (the connection is
+    /// then given up).
+    func ping() -> Double? {
+        guard descriptor >= 0 else { return nil }
+        let start = monotonicNanoseconds()
+        let sent = request.withUnsafeBytes { write(descriptor, $0.baseAddress, $0.count) }
+        writeCalls += 1
+        if sent > 0 { writtenBytes += sent }
+        guard sent == request.count else { return giveUp() }
+        var byte: UInt8 = 0
+        while true {
+            guard read(descriptor, &byte, 1) == 1 else { return giveUp() }
+            if byte == 0x0A { break }
+        }
+        return Double(monotonicNanoseconds() - start) / 1e6
+    }
+
+    private func giveUp() -> Double? {
+        close(descriptor)
+        descriptor = -1
+        return nil
+    }
+}
