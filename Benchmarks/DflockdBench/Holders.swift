@@ -206,18 +206,19 @@ final class HoldersBenchmark: @unchecked Sendable {
                       failedDuringHold: failedDuringHold, failedLocks: failed.lazy.filter { $0 }.count,
                       serverRTTsMs: rtts, serverPingsUnanswered: unanswered,
                       renewalWrites: renewalWrites, renewalBytes: renewalBytes, renewalRequestBytes: renewalRequestBytes,
-                      expectedRenewals: expectedRenewals(holdS: holdS),
+                      expectedRenewals: expectedRenewals(holdS: holdS, medianAnswerS: (rtts.sorted().dropFirst(rtts.count / 2).first ?? 0) / 1000),
                       holdCPU: holdCPU, baselineRSS: baselineRSS, heldRSS: heldRSS, afterHoldRSS: afterHoldRSS,
                       peakRSSKiB: ProcessMemory.peakRSSKiB())
     }
 
-    /// Renewals the hold should see: each lock renews every `lease × ratio` seconds; dflockd
-    /// 0.5.0 answers a renewal with the remaining seconds rounded down (lease − 1), which the
-    /// library then schedules from, so the interval lies between `(lease − 1) × ratio` and
-    /// `lease × ratio`.
-    private func expectedRenewals(holdS: Double) -> ClosedRange<Int>? {
+    /// Renewals the hold should see. A lock renews `lease × ratio` seconds after the answer to
+    /// its last renewal; dflockd 0.5.0 answers with the remaining seconds rounded down
+    /// (lease − 1), which the library schedules from, so a cycle lasts between
+    /// `(lease − 1) × ratio` and `lease × ratio`, plus the server's answer time (its median as
+    /// sampled, for the lower bound).
+    private func expectedRenewals(holdS: Double, medianAnswerS: Double) -> ClosedRange<Int>? {
         guard let lease = settings.leaseTtlS else { return nil }
-        let longest = Double(lease) * settings.renewRatio
+        let longest = Double(lease) * settings.renewRatio + medianAnswerS
         let shortest = Double(max(1, lease - 1)) * settings.renewRatio
         let low = Int((holdS / longest).rounded(.down)) * settings.holders
         let high = Int((holdS / shortest).rounded(.up)) * settings.holders
