@@ -12,6 +12,7 @@ SWIFT ?= $(shell command -v swift 2>/dev/null || echo /opt/swift/usr/bin/swift)
 
 BENCH_WORKERS ?= 100
 BENCH_ROUNDS ?= 500
+BENCH_REPEAT ?= 3
 BENCH_HOLDERS ?= 15000
 BENCH_HOLD_SECONDS ?= 60
 BENCH_LEASE ?= 10
@@ -39,7 +40,7 @@ bench-build:
 bench: setup bench-build
 	bash Tests/scripts/with-server --max-locks 100000 -- .venv/bin/python Benchmarks/compare.py \
 		--bench "$$($(SWIFT) build -c release --show-bin-path)/dflockd-bench" \
-		--workers $(BENCH_WORKERS) --rounds $(BENCH_ROUNDS) --lease $(BENCH_LEASE)
+		--workers $(BENCH_WORKERS) --rounds $(BENCH_ROUNDS) --lease $(BENCH_LEASE) --repeat $(BENCH_REPEAT)
 
 # One socket per held lock: the server and the client each need ulimit -n above BENCH_HOLDERS.
 bench-holders: setup bench-build
