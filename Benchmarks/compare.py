@@ -61,6 +61,9 @@ def run(label: str, command: list[str], server_pid: int | None) -> dict:
     if cpu0 is not None and cpu1 is not None:
         result["server_busy"] = (cpu1 - cpu0) / elapsed
         result["server_cpu_us_per_op"] = (cpu1 - cpu0) / result["total_ops"] * 1e6
+    print(f"compare: {label}: {result['throughput_ops_per_s']:.1f} ops/s, p50 {result['p50_ms']:.3f} ms, "
+          f"p99 {result['p99_ms']:.3f} ms, CPU/op {result['cpu_us_per_op']:.2f} us, "
+          f"all CPUs {result['machine_busy'] * 100:.0f} % busy", file=sys.stderr, flush=True)
     return result
 
 
@@ -101,10 +104,12 @@ def main() -> int:
         ("swift --api async", [args.bench, *common, "--api", "async"]),
         ("python async", [args.python, os.path.join(HERE, "python_bench.py"), *common]),
     ]
-    # Interleaved, so that a change in the machine's other load falls on every client alike.
+    # Interleaved, and each round starting with the next client, so that a change in the
+    # machine's other load falls on every client alike.
     samples: dict[str, list[dict]] = {label: [] for label, _ in clients}
-    for _ in range(args.repeat):
-        for label, command in clients:
+    for round_index in range(args.repeat):
+        for offset in range(len(clients)):
+            label, command = clients[(round_index + offset) % len(clients)]
             samples[label].append(run(label, command, server_pid))
     runs = [median_of(samples[label]) for label, _ in clients]
     swift, pipelined, python = runs[0], runs[1], runs[3]
