@@ -147,13 +147,22 @@ def main() -> int:
           f"throughput x{ratio('throughput_ops_per_s', pipelined, swift):.2f}, "
           f"CPU/op x{ratio('cpu_us_per_op', pipelined, swift):.3f}")
     print()
+    def at_least(a: dict, b: dict) -> str:
+        """A throughput target: met by the medians, or missed within or beyond the runs' spread."""
+        if a["throughput_ops_per_s"] >= b["throughput_ops_per_s"]:
+            return "met"
+        if a["throughput_range"][1] >= b["throughput_range"][0]:
+            return "NOT met by the medians, within the run-to-run spread"
+        return "NOT met"
+
     checks = [
-        ("client CPU per op <= 1/8 of python's", swift["cpu_us_per_op"] <= python["cpu_us_per_op"] / 8),
-        ("throughput >= python's", swift["throughput_ops_per_s"] >= python["throughput_ops_per_s"]),
-        ("--pipeline no slower than without", pipelined["throughput_ops_per_s"] >= swift["throughput_ops_per_s"]),
+        ("client CPU per op <= 1/8 of python's",
+         "met" if swift["cpu_us_per_op"] <= python["cpu_us_per_op"] / 8 else "NOT met"),
+        ("throughput >= python's", at_least(swift, python)),
+        ("--pipeline no slower than without", at_least(pipelined, swift)),
     ]
-    for name, ok in checks:
-        print(f"  target {name:<40} {'met' if ok else 'NOT met'}")
+    for name, verdict in checks:
+        print(f"  target {name:<40} {verdict}")
     if "server_busy" in swift:
         if swift["server_busy"] >= 0.8:
             verdict = "the server sets the pace"
