@@ -131,7 +131,9 @@ struct Server: Sendable, CustomStringConvertible {
         }
         var host = text[..<colon]
         if host.hasPrefix("["), host.hasSuffix("]") { host = host.dropFirst().dropLast() }
-        guard !host.isEmpty else { throw ValidationError("--servers: \(String(text).debugDescription) has no host") }
+        guard !host.isEmpty, !host.contains(where: \.isWhitespace) else {
+            throw ValidationError("--servers: \(String(text).debugDescription) has no host, or a host with spaces")
+        }
         self.host = String(host)
         self.port = port
     }

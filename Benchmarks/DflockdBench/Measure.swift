@@ -1,5 +1,6 @@
 import Glibc
 import Histogram
+import Synchronization
 
 /// Monotonic time in nanoseconds (`CLOCK_MONOTONIC`, a vDSO call: cheap enough per operation).
 func monotonicNanoseconds() -> UInt64 {
@@ -224,4 +225,11 @@ final class ServerPinger {
         descriptor = -1
         return nil
     }
+}
+
+/// A counter the loop (or worker tasks) bump and the progress line reads.
+final class Counter: Sendable {
+    private let atomic = Atomic<Int>(0)
+    var value: Int { atomic.load(ordering: .relaxed) }
+    func increment() { atomic.add(1, ordering: .relaxed) }
 }

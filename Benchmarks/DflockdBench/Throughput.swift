@@ -292,10 +292,3 @@ private struct AsyncWorker: Sendable {
         return .finished(recorder)
     }
 }
-
-/// A counter the loop (or worker tasks) bump and the progress line reads.
-final class Counter: Sendable {
-    private let atomic = Atomic<Int>(0)
-    var value: Int { atomic.load(ordering: .relaxed) }
-    func increment() { atomic.add(1, ordering: .relaxed) }
-}
