@@ -5,11 +5,14 @@ let package = Package(
     name: "DflockdClient",
     products: [
         .library(name: "DflockdClient", targets: ["DflockdClient"]),
+        .executable(name: "dflockd-bench", targets: ["DflockdBench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-collections", from: "1.6.0"),
         // `make docs`: swift package generate-documentation (a plugin; nothing of it is linked).
         .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
     ],
     targets: [
         .systemLibrary(
@@ -74,6 +77,15 @@ let package = Package(
             name: "EmbeddedServer",
             dependencies: ["DflockdClient", "CUV"],
             path: "Examples/EmbeddedServer"
+        ),
+        .executableTarget(
+            name: "DflockdBench",
+            dependencies: [
+                "DflockdClient",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ],
+            path: "Benchmarks/DflockdBench"
         ),
         .testTarget(
             name: "DflockdClientTests",

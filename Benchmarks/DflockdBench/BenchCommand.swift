@@ -1,0 +1,158 @@
+import ArgumentParser
+import Glibc
+
+/// `dflockd-bench`: lock throughput (the Go server project's `cmd/bench` workload and flags) and
+/// many concurrently held locks, measured on the library's event loop.
+@main
+struct BenchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dflockd-bench",
+        abstract: "Benchmark dflockd lock throughput, or hold many locks at once.",
+        discussion: """
+            Throughput mode (default) runs the Go server project's cmd/bench workload: --workers \
+            workers each do --rounds rounds of acquire + release on their own random key \
+            (<key>_<n>), on persistent connections. It prints the same figures in the same order \
+            (total ops, wall time, throughput, mean, min, max, p50, p99, stdev), then the client's \
+            CPU time per op and peak RSS.
+
+            Holders mode (--holders N) holds N DistributedLocks at once on one event loop thread \
+            for --hold-seconds while they renew their leases, and reports time to acquire all, \
+            renewals done and failed, CPU per renewal and RSS per held lock.
+            """)
+
+    // MARK: Throughput (names and defaults as in the Go tool)
+
+    @Option(help: "Number of concurrent workers.")
+    var workers = 10
+
+    @Option(help: "Acquire/release rounds per worker.")
+    var rounds = 50
+
+    @Option(help: "Key prefix: each worker uses <key>_<random>; with --contended, the one key <key>.")
+    var key = "bench"
+
+    @Option(help: "Acquire timeout in seconds.")
+    var timeout = 30
+
+    @Option(help: "Lease TTL in seconds (0: the server's default).")
+    var lease = 10
+
+    @Option(help: "Comma-separated host:port pairs; keys are placed on them with stableHashShard.")
+    var servers = "127.0.0.1:6388"
+
+    @Option(help: "Connections per worker, used round-robin by round (0 = 1 persistent connection).")
+    var connections = 0
+
+    @Flag(help: "Put every worker on the one key <key>.")
+    var contended = false
+
+    @Flag(help: "Send each release and the next acquire back to back, without waiting for the release reply.")
+    var pipeline = false
+
+    @Option(help: "Client API: 'callbacks' (completion handlers on the loop thread) or 'async' (async/await, one thread hop per call).")
+    var api = ClientAPI.callbacks
+
+    @Flag(help: "Write the result as JSON on standard output.")
+    var json = false
+
+    // MARK: Holders
+
+    @Option(help: "Holders mode: hold this many locks at once.")
+    var holders: Int?
+
+    @Option(help: "Holders mode: seconds to hold every lock.")
+    var holdSeconds = 60
+
+    @Option(help: "Holders mode: renew when this fraction of the lease has passed.")
+    var renewRatio = 0.5
+
+    @Option(help: "Holders mode: acquires (and releases) in flight at once.")
+    var acquireConcurrency = 100
+
+    func validate() throws {
+        guard workers >= 1 else { throw ValidationError("--workers must be at least 1") }
+        guard rounds >= 1 else { throw ValidationError("--rounds must be at least 1") }
+        guard timeout >= 0 else { throw ValidationError("--timeout must be at least 0") }
+        guard lease >= 0 else { throw ValidationError("--lease must be at least 0 (0: server default)") }
+        guard connections >= 0 else { throw ValidationError("--connections must be at least 0") }
+        _ = try parsedServers()
+        if pipeline && contended {
+            throw ValidationError("--pipeline applies to uncontended keys only: a worker on a shared key cannot send its next acquire before the others had their turn")
+        }
+        if pipeline && api == .async {
+            throw ValidationError("--pipeline needs --api callbacks: two async calls in flight from one task give no order on the wire")
+        }
+        if let holders {
+            guard holders >= 1 else { throw ValidationError("--holders must be at least 1") }
+            guard holdSeconds >= 0 else { throw ValidationError("--hold-seconds must be at least 0") }
+            guard renewRatio > 0, renewRatio < 1 else { throw ValidationError("--renew-ratio must be between 0 and 1 (exclusive)") }
+            guard acquireConcurrency >= 1 else { throw ValidationError("--acquire-concurrency must be at least 1") }
+        }
+    }
+
+    func run() throws {
+        let servers = try parsedServers()
+        if let holders {
+            let settings = HoldersBenchmark.Settings(holders: holders, holdSeconds: holdSeconds, leaseTtlS: lease > 0 ? lease : nil,
+                                                     renewRatio: renewRatio, timeoutS: timeout, keyPrefix: key,
+                                                     servers: servers, concurrency: acquireConcurrency)
+            let result = try HoldersBenchmark(settings: settings).run()
+            writeAll(json ? result.json(settings).text : result.text(settings), to: 1)
+            if !result.passed { throw ExitCode(1) }
+        } else {
+            let settings = ThroughputBenchmark.Settings(workers: workers, rounds: rounds, keyPrefix: key, contended: contended,
+                                                        pipeline: pipeline, api: api, timeoutS: timeout,
+                                                        leaseTtlS: lease > 0 ? lease : nil, servers: servers,
+                                                        connectionsPerWorker: max(1, connections))
+            let result = try ThroughputBenchmark(settings: settings).run()
+            writeAll(json ? result.json(settings).text : result.text(settings), to: 1)
+        }
+    }
+
+    private func parsedServers() throws -> [Server] {
+        let servers = try servers.split(separator: ",").map { try Server(parsing: $0.trimmingSpaces) }
+        guard !servers.isEmpty else { throw ValidationError("--servers must name at least one host:port") }
+        return servers
+    }
+}
+
+enum ClientAPI: String, ExpressibleByArgument, CaseIterable {
+    case callbacks, async
+}
+
+/// One `host:port` from `--servers` (`[v6-literal]:port` too).
+struct Server: Sendable, CustomStringConvertible {
+    let host: String
+    let port: Int
+
+    init(parsing text: Substring) throws {
+        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (1...65535).contains(port) else {
+            throw ValidationError("--servers: \(String(text).debugDescription) is not host:port")
+        }
+        var host = text[..<colon]
+        if host.hasPrefix("["), host.hasSuffix("]") { host = host.dropFirst().dropLast() }
+        guard !host.isEmpty, !host.contains(where: \.isWhitespace) else {
+            throw ValidationError("--servers: \(String(text).debugDescription) has no host, or a host with spaces")
+        }
+        self.host = String(host)
+        self.port = port
+    }
+
+    var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+    var pair: (String, Int) { (host, port) }
+}
+
+/// A failure that ends a run: printed on stderr as it is, exit status 1.
+struct BenchFailure: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
+extension Substring {
+    var trimmingSpaces: Substring {
+        var text = self
+        while text.first == " " { text.removeFirst() }
+        while text.last == " " { text.removeLast() }
+        return text
+    }
+}

@@ -1,0 +1,294 @@
+import DflockdClient
+import Dispatch
+import Synchronization
+
+/// Throughput mode: `workers` workers, each `rounds` × (acquire + release) on its own persistent
+/// connection(s) with raw ``Connection`` commands, all on one event loop thread. One op is one
+/// acquire plus its release; its latency runs from sending the acquire to the release's reply.
+///
+/// The same workload as the Go server project's `cmd/bench` (lock mode): a worker dials its
+/// connections, then does its rounds; wall time starts before any dial, latency excludes it.
+final class ThroughputBenchmark: @unchecked Sendable {
+    struct Settings {
+        var workers: Int
+        var rounds: Int
+        var keyPrefix: String
+        var contended: Bool
+        var pipeline: Bool
+        var api: ClientAPI
+        var timeoutS: Int
+        var leaseTtlS: Int?
+        var servers: [Server]
+        var connectionsPerWorker: Int
+
+        var totalOps: Int { workers * rounds }
+    }
+
+    struct Result {
+        var totalOps: Int
+        var wallS: Double
+        var latency: LatencySummary
+        var cpu: CPUTime
+        var peakRSSKiB: Int
+        var throughput: Double { Double(totalOps) / wallS }
+        var cpuPerOpUs: Double { cpu.totalS / Double(totalOps) * 1e6 }
+    }
+
+    let settings: Settings
+    private let loop = EventLoop()
+    private let done = DispatchSemaphore(value: 0)
+    /// Ops finished so far, for the progress line.
+    private let completedOps = Counter()
+
+    // Loop-confined while the run lasts; read by the main thread after `done`.
+    private var recorder: LatencyRecorder
+    private var workersLeft = 0
+    private var failure: String?
+    private var connections: [Connection] = []
+    private var startNs: UInt64 = 0
+    private var endNs: UInt64 = 0
+    private var startCPU = CPUTime(userS: 0, systemS: 0)
+    private var endCPU = CPUTime(userS: 0, systemS: 0)
+
+    init(settings: Settings) {
+        self.settings = settings
+        // Nothing legitimate waits longer than the acquire timeout plus a generous I/O slack.
+        recorder = LatencyRecorder(highestNs: UInt64(settings.timeoutS + 120) * 1_000_000_000)
+    }
+
+    /// Runs the workload and returns its figures; throws when a worker failed.
+    func run() throws -> Result {
+        defer { loop.shutdown() }
+        let workerKeys = keys()
+        let progress = ProgressLine()
+        let total = settings.totalOps
+        let progressStartNs = monotonicNanoseconds()
+        loop.execute { [self] in
+            startCPU = CPUTime.now()
+            startNs = monotonicNanoseconds()
+            switch settings.api {
+            case .callbacks: startCallbackWorkers(keys: workerKeys)
+            case .async: startAsyncWorkers(keys: workerKeys)
+            }
+        }
+        progress.wait(for: done) {
+            let finished = completedOps.value
+            let elapsedS = Double(monotonicNanoseconds() - progressStartNs) / 1e9
+            return "bench: \(finished)/\(total) ops, \(formatted(Double(finished) / elapsedS, decimals: 0)) ops/s"
+        }
+        // Close every connection on the loop before reading what the loop wrote.
+        let closed = DispatchSemaphore(value: 0)
+        loop.execute { [self] in
+            for connection in connections { connection.close() }
+            closed.signal()
+        }
+        closed.wait()
+        if let failure { throw BenchFailure(failure) }
+        return Result(totalOps: recorder.count,
+                      wallS: Double(endNs - startNs) / 1e9,
+                      latency: recorder.summary,
+                      cpu: endCPU - startCPU,
+                      peakRSSKiB: ProcessMemory.peakRSSKiB())
+    }
+
+    /// Unique random keys `<prefix>_<n>`, n in 100000..<10000000 as in the Go tool; with
+    /// `contended`, the one key `<prefix>` for every worker.
+    private func keys() -> [String] {
+        if settings.contended { return Array(repeating: settings.keyPrefix, count: settings.workers) }
+        var used = Set<Int>()
+        var keys: [String] = []
+        while keys.count < settings.workers {
+            let number = Int.random(in: 100_000..<10_000_000)
+            if used.insert(number).inserted { keys.append("\(settings.keyPrefix)_\(number)") }
+        }
+        return keys
+    }
+
+    private func connections(for key: String) -> [Connection] {
+        let server = settings.servers[stableHashShard(key, settings.servers.count)]
+        return (0..<settings.connectionsPerWorker).map { _ in
+            // Host and port were validated when the flags were parsed.
+            try! Connection(host: server.host, port: server.port, loop: loop)
+        }
+    }
+
+    // MARK: - Loop-thread bookkeeping
+
+    fileprivate func record(_ nanoseconds: UInt64) {
+        recorder.record(nanoseconds)
+        completedOps.increment()
+    }
+
+    fileprivate func workerFinished() {
+        workersLeft -= 1
+        if workersLeft == 0 { finishRun() }
+    }
+
+    fileprivate var stopped: Bool { failure != nil }
+
+    fileprivate func fail(worker: Int, _ message: String) {
+        guard failure == nil else { return }
+        failure = "worker \(worker) error: \(message)"
+        finishRun()
+    }
+
+    private func finishRun() {
+        endNs = monotonicNanoseconds()
+        endCPU = CPUTime.now()
+        done.signal()
+    }
+
+    // MARK: - Completion-handler workers
+
+    private func startCallbackWorkers(keys: [String]) {
+        workersLeft = keys.count
+        for (index, key) in keys.enumerated() {
+            let workerConnections = connections(for: key)
+            connections += workerConnections
+            CallbackWorker(bench: self, index: index, key: key, connections: workerConnections).start()
+        }
+    }
+
+    // MARK: - Async workers
+
+    private func startAsyncWorkers(keys: [String]) {
+        let workers = keys.enumerated().map { index, key in
+            let workerConnections = connections(for: key)
+            connections += workerConnections
+            return AsyncWorker(index: index, key: key, connections: workerConnections, settings: settings,
+                               highestNs: recorder.histogram.highestTrackableValue, completedOps: completedOps)
+        }
+        let runWorkers = { @Sendable [self] in
+            let outcomes = await withTaskGroup(of: AsyncWorker.Outcome.self) { group in
+                for worker in workers { group.addTask { await worker.run() } }
+                return await group.reduce(into: []) { $0.append($1) }
+            }
+            loop.execute { [self] in
+                for outcome in outcomes {
+                    switch outcome {
+                    case .finished(let latencies): recorder.merge(latencies)
+                    case .failed(let worker, let message): fail(worker: worker, message)
+                    }
+                }
+                if failure == nil { finishRun() }
+            }
+        }
+        Task.detached { await runWorkers() }
+    }
+}
+
+/// One worker driven by completion handlers on the loop thread: no thread hop anywhere.
+private final class CallbackWorker {
+    private unowned let bench: ThroughputBenchmark
+    private let index: Int
+    private let key: String
+    private let connections: [Connection]
+    private let rounds: Int
+    private let pipeline: Bool
+    private let timeoutS: Int
+    private let leaseTtlS: Int?
+    private var started = 0
+    private var completed = 0
+    /// Keeps the worker alive until its last round: the connections hold only its closures.
+    private var selfWhileRunning: CallbackWorker?
+
+    init(bench: ThroughputBenchmark, index: Int, key: String, connections: [Connection]) {
+        self.bench = bench
+        self.index = index
+        self.key = key
+        self.connections = connections
+        rounds = bench.settings.rounds
+        pipeline = bench.settings.pipeline
+        timeoutS = bench.settings.timeoutS
+        leaseTtlS = bench.settings.leaseTtlS
+    }
+
+    func start() {
+        selfWhileRunning = self
+        dial(0)
+    }
+
+    /// Opens the worker's connections one after the other, then starts the rounds.
+    private func dial(_ index: Int) {
+        guard index < connections.count else {
+            startRound()
+            return
+        }
+        connections[index].connect { [self] result in
+            if case .failure(let error) = result { return fail("dial: \(error)") }
+            dial(index + 1)
+        }
+    }
+
+    private func startRound() {
+        guard !bench.stopped else { return }
+        let connection = connections[started % connections.count]
+        started += 1
+        let startNs = monotonicNanoseconds()
+        connection.acquire(key: key, timeoutS: timeoutS, leaseTtlS: leaseTtlS) { [self] result in
+            switch result {
+            case .success(let grant?):
+                connection.release(key: key, token: grant.token) { [self] result in
+                    if case .failure(let error) = result { return fail("release: \(error)") }
+                    bench.record(monotonicNanoseconds() - startNs)
+                    completed += 1
+                    if completed == rounds {
+                        selfWhileRunning = nil
+                        bench.workerFinished()
+                    } else if !pipeline {
+                        startRound()
+                    }
+                }
+                // Pipelined: the next acquire goes out right behind the release.
+                if pipeline && started < rounds { startRound() }
+            case .success(nil):
+                fail("acquire timed out")
+            case .failure(let error):
+                fail("acquire: \(error)")
+            }
+        }
+    }
+
+    private func fail(_ message: String) {
+        selfWhileRunning = nil
+        bench.fail(worker: index, message)
+    }
+}
+
+/// One worker as an async task: each call hops to the loop thread and back.
+private struct AsyncWorker: Sendable {
+    enum Outcome: Sendable {
+        case finished(LatencyRecorder)
+        case failed(worker: Int, message: String)
+    }
+
+    let index: Int
+    let key: String
+    let connections: [Connection]
+    let settings: ThroughputBenchmark.Settings
+    let highestNs: UInt64
+    let completedOps: Counter
+
+    func run() async -> Outcome {
+        var recorder = LatencyRecorder(highestNs: highestNs)
+        var step = "dial"
+        do {
+            for connection in connections { try await connection.connect() }
+            for round in 0..<settings.rounds {
+                let connection = connections[round % connections.count]
+                let startNs = monotonicNanoseconds()
+                step = "acquire"
+                guard let grant = try await connection.acquire(key: key, timeoutS: settings.timeoutS, leaseTtlS: settings.leaseTtlS) else {
+                    return .failed(worker: index, message: "acquire timed out")
+                }
+                step = "release"
+                try await connection.release(key: key, token: grant.token)
+                recorder.record(monotonicNanoseconds() - startNs)
+                completedOps.increment()
+            }
+        } catch {
+            return .failed(worker: index, message: "\(step): \(error)")
+        }
+        return .finished(recorder)
+    }
+}
