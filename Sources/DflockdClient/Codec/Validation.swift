@@ -51,6 +51,20 @@ enum Validation {
         }
     }
 
+    /// Unicode's White_Space property, or NUL. Keys and tokens are nearly always ASCII, where
+    /// the answer is six byte comparisons; the property lookup is for the rest.
+    private static func containsWhitespaceOrNUL(_ value: String) -> Bool {
+        var isASCII = true
+        for byte in value.utf8 {
+            switch byte {
+            case 0x00, 0x09...0x0D, 0x20: return true
+            case 0x80...: isASCII = false
+            default: continue
+            }
+        }
+        return !isASCII && value.unicodeScalars.contains { $0.properties.isWhitespace }
+    }
+
     private static func word(_ value: String, name: String) throws(LockError) {
         if value.isEmpty {
             throw .invalidArgument(name: name, reason: "must not be empty")
@@ -58,7 +72,7 @@ enum Validation {
         if value.utf8.count > maximumLineBytes {
             throw .invalidArgument(name: name, reason: "is \(value.utf8.count) bytes of UTF-8; the server accepts at most \(maximumLineBytes)")
         }
-        if value.unicodeScalars.contains(where: { $0.properties.isWhitespace || $0 == "\0" }) {
+        if containsWhitespaceOrNUL(value) {
             throw .invalidArgument(name: name, reason: "must not contain whitespace, line breaks or NUL: \(value.debugDescription)")
         }
     }

@@ -40,6 +40,10 @@ public final class Connection: @unchecked Sendable {
     private var selfWhileBusy: Connection?
     /// Whether `auth` (when configured) has been answered `ok`: only then is the connection ready.
     private var isAuthenticated = false
+    /// True while replies from one read are being delivered; writes then gather in
+    /// `writtenWhileDelivering` and go out together at the end of the read.
+    private var isDelivering = false
+    private var writtenWhileDelivering: [UInt8] = []
 
     struct Configuration: Sendable {
         var tls: TLSOptions?
@@ -180,7 +184,11 @@ public final class Connection: @unchecked Sendable {
 
     private func write(_ request: Request) {
         guard let transport else { return }
-        request.bytes.withUnsafeBytes { transport.write($0) }
+        if isDelivering {
+            request.encode(into: &writtenWhileDelivering)
+        } else {
+            request.bytes.withUnsafeBytes { transport.write($0) }
+        }
     }
 
     private func startIfIdle() {
@@ -235,6 +243,16 @@ public final class Connection: @unchecked Sendable {
 
     private func didRead(_ bytes: UnsafeRawBufferPointer) {
         armReplyTimer()
+        // Requests that completions send back while these replies are delivered (a release and
+        // the next acquire, say) leave in one write when the read is done, not one write each.
+        isDelivering = true
+        defer {
+            isDelivering = false
+            if !writtenWhileDelivering.isEmpty, let transport {
+                writtenWhileDelivering.withUnsafeBytes { transport.write($0) }
+            }
+            writtenWhileDelivering.removeAll()
+        }
         do {
             try framer.feed(bytes) { line in
                 deliver(line)
