@@ -1,0 +1,253 @@
+// Safety under faults (issue #6): a held lock is never silently lost, and bad input never
+// breaks the client. Against the real dflockd 0.5.0 server (killed, frozen, partitioned by a
+// black-hole proxy, restarted) and against scripted peers that send what no server should.
+//
+// Every wait here ends on an event (a callback, a completion, a close), with a generous
+// timeout only as a safety net. Blocking calls (RealServer, RawClient, proxy switches) run on
+// threads of their own (`offThread`), never on the 2-thread cooperative pool the other tests
+// and their timers share.
+
+import Foundation
+import Synchronization
+import Testing
+@testable import DflockdClient
+
+@Suite("Faults", .timeLimit(.minutes(3)))
+struct FaultTests {
+
+    // MARK: - Read while held
+
+    /// A lock is held with a 30 s lease (first renewal due in 10 s); the fault comes right
+    /// after. `onLockLost` must follow at once, not at the renewal.
+    enum HeldFault: String, CaseIterable, Sendable {
+        case unsolicitedLine, endOfStream, reset
+    }
+
+    @Test("a line, an EOF or a reset while the lock is held loses it at once", arguments: HeldFault.allCases)
+    func readWhileHeld(_ fault: HeldFault) async throws {
+        let lost = EventLog<String>()
+        let token = "0123456789abcdef0123456789abcdef"
+        var peer: ScriptedPeer?
+        var server: RealServer?
+        var proxy: BlackHoleProxy?
+        let port: Int
+        switch fault {
+        case .unsolicitedLine, .endOfStream:
+            // `A .` keeps the grant and the fault in separate reads: the lock is idle and held.
+            peer = try ScriptedPeer(script: """
+                A > b'l\\nheld\\n5 30\\n'
+                A < ok \(token) 30
+                A .
+                \(fault == .unsolicitedLine ? "A < ok" : "A ~ closed by server")
+                \(fault == .unsolicitedLine ? "A !" : "")
+                """)
+            port = peer!.port
+        case .reset:
+            server = try await offThread { try RealServer.start() }
+            proxy = try BlackHoleProxy(targetPort: server!.port)
+            port = proxy!.port
+        }
+        let lock = try DistributedLock(key: "held", acquireTimeoutS: 5, leaseTtlS: 30, servers: [("127.0.0.1", port)],
+                                       onLockLost: { _, token in lost.append(token) })
+        #expect(try await lock.acquire())
+        let heldToken = try #require(lock.token)
+        if fault != .reset { #expect(heldToken == token) }
+        let faultAt = ContinuousClock.now
+        if let proxy { await offThread { proxy.resetAll() } }
+
+        #expect(await lost.wait(timeout: .seconds(10)) { !$0.isEmpty }, "onLockLost was not called")
+        let entries = lost.entries
+        #expect(entries.map(\.value) == [heldToken])
+        if let first = entries.first {
+            #expect(first.at - faultAt < .seconds(2), "lost after \(first.at - faultAt): that is not 'at once'")
+        }
+        #expect(lock.state == .closed)
+        #expect(lock.leaseRemaining == nil)
+        await #expect(throws: LockError.lockLost(key: "held", token: heldToken)) { try await lock.release() }
+        await lock.loop.roundTrip()
+        #expect(lost.entries.count == 1, "onLockLost more than once")
+
+        if let peer { try await peer.finish() }
+        if let server {
+            // The reset reached the server too: it released the key.
+            #expect(try await offThread { try !isHeld("held", port: server.port) })
+            await offThread { server.stop() }
+        }
+        proxy?.stop()
+    }
+
+    // MARK: - Server killed
+
+    @Test("SIGKILL with 100 locks held: every onLockLost fires exactly once, within 1 s")
+    func serverKilledWithAHundredLocksHeld() async throws {
+        let server = try await offThread { try RealServer.start() }
+        let lost = EventLog<String>()
+        let locks = try (0..<100).map { index in
+            try DistributedLock(key: "killed-\(index)", acquireTimeoutS: 5, leaseTtlS: 30,
+                                servers: [("127.0.0.1", server.port)], onLockLost: { _, token in lost.append(token) })
+        }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for lock in locks {
+                group.addTask {
+                    let acquired = try await lock.acquire()
+                    #expect(acquired)
+                }
+            }
+            try await group.waitForAll()
+        }
+        let tokens = locks.compactMap(\.token)
+        #expect(Set(tokens).count == 100)
+
+        let killedAt = ContinuousClock.now
+        await offThread { server.kill() }
+        #expect(await lost.wait(timeout: .seconds(10)) { $0.count >= 100 }, "only \(lost.entries.count) of 100 losses reported")
+        // Anything reported twice would have been queued on the loop by now.
+        await EventLoop.shared.roundTrip()
+        try await Task.sleep(for: .milliseconds(200))
+        await EventLoop.shared.roundTrip()
+
+        let entries = lost.entries
+        #expect(entries.count == 100, "\(entries.count) onLockLost calls for 100 locks")
+        #expect(Set(entries.map(\.value)) == Set(tokens))
+        let slowest = entries.map { $0.at - killedAt }.max() ?? .zero
+        #expect(slowest < .seconds(1), "the last onLockLost came \(slowest) after SIGKILL")
+        for lock in locks { #expect(lock.state == .closed) }
+    }
+
+    // MARK: - Idle read timeout
+
+    /// `--read-timeout 3`: the server drops a connection that is silent for 3 s, and its lock.
+    /// A 60 s lease renews every 30 s by the ratio; `maxIdleMs` caps the gap.
+    @Test("a 60 s lease stays held on a server with --read-timeout 3 when maxIdleMs is 1000")
+    func maxIdleKeepsTheSessionAlive() async throws {
+        let server = try await offThread { try RealServer.start(["--read-timeout", "3"]) }
+        let lost = EventLog<String>()
+        let lock = try DistributedLock(key: "idle-capped", acquireTimeoutS: 5, leaseTtlS: 60, servers: [("127.0.0.1", server.port)],
+                                       onLockLost: { _, token in lost.append(token) }, maxIdleMs: 1000)
+        #expect(try await lock.acquire())
+        let token = lock.token
+        // Eight seconds: more than twice the read timeout.
+        for _ in 0..<8 {
+            #expect(await lost.wait(timeout: .seconds(1)) { !$0.isEmpty } == false, "lost at \(lost.entries.first?.at as Any)")
+            #expect(lock.state == .held)
+            #expect(lock.token == token)
+            #expect(try await offThread { try isHeld("idle-capped", port: server.port) })
+        }
+        try await lock.release()
+        await offThread { server.stop() }
+    }
+
+    /// The same lock without the cap: the server drops it after 3 s of silence (sending an
+    /// unsolicited `error` and closing), which the client reports at once.
+    @Test("with maxIdleMs nil the same lock is lost to the read timeout (so the test above can fail)")
+    func withoutMaxIdleTheReadTimeoutWins() async throws {
+        let server = try await offThread { try RealServer.start(["--read-timeout", "3"]) }
+        let lost = EventLog<String>()
+        let lock = try DistributedLock(key: "idle-uncapped", acquireTimeoutS: 5, leaseTtlS: 60, servers: [("127.0.0.1", server.port)],
+                                       onLockLost: { _, token in lost.append(token) }, maxIdleMs: nil)
+        #expect(try await lock.acquire())
+        let acquiredAt = ContinuousClock.now
+        #expect(await lost.wait(timeout: .seconds(10)) { !$0.isEmpty }, "the lock was not reported lost")
+        if let lostAt = lost.entries.first?.at {
+            #expect(lostAt - acquiredAt > .milliseconds(2500))
+            #expect(lostAt - acquiredAt < .seconds(6))
+        }
+        #expect(lock.state == .closed)
+        #expect(try await offThread { try !isHeld("idle-uncapped", port: server.port) }, "the server released the key")
+        await offThread { server.stop() }
+    }
+}
+
+// MARK: - Helpers
+
+/// Runs blocking work on a thread of its own, off the cooperative pool.
+func offThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+        Thread { continuation.resume(with: Result { try body() }) }.start()
+    }
+}
+
+/// Runs blocking work on a thread of its own, off the cooperative pool.
+func offThread<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
+    await withCheckedContinuation { continuation in
+        Thread { continuation.resume(returning: body()) }.start()
+    }
+}
+
+/// Whether another client finds `key` held: `l key 0` answers `timeout`. A grant is released at
+/// once. Blocking: call through `offThread`.
+func isHeld(_ key: String, port: Int) throws -> Bool {
+    let client = try RawClient(port: port)
+    defer { client.close() }
+    let reply = try client.send("l", key, "0")
+    if reply == "timeout" { return true }
+    let fields = reply.split(separator: " ")
+    guard fields.first == "ok", fields.count >= 2 else { throw TestSupportError("unexpected reply \(reply) to l \(key) 0") }
+    _ = try client.send("r", key, String(fields[1]))
+    return false
+}
+
+/// Values appended from any thread, each with the time it arrived; tasks can wait for a
+/// condition on them without polling.
+final class EventLog<Element: Sendable>: Sendable {
+    struct Entry: Sendable {
+        let value: Element
+        let at: ContinuousClock.Instant
+    }
+
+    private struct Waiter {
+        let predicate: @Sendable ([Entry]) -> Bool
+        let continuation: CheckedContinuation<Bool, Never>
+    }
+
+    private struct State {
+        var entries: [Entry] = []
+        var waiters: [Int: Waiter] = [:]
+        var nextID = 0
+    }
+
+    private let state = Mutex(State())
+
+    func append(_ value: Element) {
+        let ready = state.withLock { s -> [CheckedContinuation<Bool, Never>] in
+            s.entries.append(Entry(value: value, at: .now))
+            var ready: [CheckedContinuation<Bool, Never>] = []
+            for (id, waiter) in s.waiters where waiter.predicate(s.entries) {
+                ready.append(waiter.continuation)
+                s.waiters[id] = nil
+            }
+            return ready
+        }
+        for continuation in ready { continuation.resume(returning: true) }
+    }
+
+    var entries: [Entry] { state.withLock { $0.entries } }
+
+    /// True once `predicate` holds for the entries, false if `timeout` passes first.
+    func wait(timeout: Duration, until predicate: @escaping @Sendable ([Entry]) -> Bool) async -> Bool {
+        let id = state.withLock { s -> Int in
+            s.nextID += 1
+            return s.nextID
+        }
+        return await withCheckedContinuation { continuation in
+            let satisfied = state.withLock { s -> Bool in
+                if predicate(s.entries) { return true }
+                s.waiters[id] = Waiter(predicate: predicate, continuation: continuation)
+                return false
+            }
+            if satisfied {
+                continuation.resume(returning: true)
+                return
+            }
+            Task {
+                try? await Task.sleep(for: timeout)
+                self.expire(id)
+            }
+        }
+    }
+
+    private func expire(_ id: Int) {
+        let waiter = state.withLock { $0.waiters.removeValue(forKey: id) }
+        waiter?.continuation.resume(returning: false)
+    }
+}
