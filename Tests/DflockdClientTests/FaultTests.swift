@@ -114,6 +114,93 @@ struct FaultTests {
         for lock in locks { #expect(lock.state == .closed) }
     }
 
+    // MARK: - Server frozen, network black hole
+
+    enum Partition: String, Sendable, CaseIterable {
+        /// SIGSTOP: the server's sockets stay open, nothing is answered.
+        case frozenServer
+        /// The proxy drops every byte both ways and passes on no close.
+        case blackHole
+    }
+
+    struct PartitionCase: Sendable, CustomTestStringConvertible {
+        let partition: Partition
+        /// Whether a renewal was answered before the fault (the deadline then comes from it),
+        /// or the fault came right after the grant.
+        let afterRenewal: Bool
+        var testDescription: String { "\(partition.rawValue), \(afterRenewal ? "after a renewal" : "right after the grant")" }
+        static let all = Partition.allCases.flatMap { p in [false, true].map { PartitionCase(partition: p, afterRenewal: $0) } }
+    }
+
+    /// A lock with a 3 s lease is held through a proxy; a waiter on the same key talks to the
+    /// server directly. Then the holder's server stops answering (frozen, or the proxy becomes a
+    /// black hole). The holder must report the loss before 3 s have passed since the last
+    /// request that was answered went through the proxy (the server started that lease no
+    /// earlier), and the server must then hand the key to the waiter: at no moment do both
+    /// hold it.
+    @Test("partition while held: onLockLost before the lease can end on the server; the waiter gets the key",
+          arguments: PartitionCase.all)
+    func partitionWhileHeld(_ scenario: PartitionCase) async throws {
+        let server = try await offThread { try RealServer.start() }
+        let proxy = try BlackHoleProxy(targetPort: server.port)
+        let lost = EventLog<String>()
+        let key = "partition-\(scenario.partition.rawValue)-\(scenario.afterRenewal)"
+        let holder = try DistributedLock(key: key, acquireTimeoutS: 5, leaseTtlS: 3, servers: [("127.0.0.1", proxy.port)],
+                                         onLockLost: { _, token in lost.append(token) })
+        let waiter = try DistributedLock(key: key, acquireTimeoutS: 30, leaseTtlS: 3, servers: [("127.0.0.1", server.port)])
+
+        #expect(try await holder.acquire())
+        let token = try #require(holder.token)
+        if scenario.afterRenewal {
+            // 0.5.0 answers a renewal with the seconds left, rounded down: 2 after a 3 s lease.
+            await waitUntil { holder.lease == 2 || holder.state != .held }
+            #expect(holder.state == .held)
+        }
+
+        // The waiter's grant is checked on the loop thread, where the holder's state changes:
+        // a total order, so "the holder still held it" cannot slip between two reads.
+        let grants = EventLog<LockState>()
+        waiter.acquire { result in
+            if case .success(true) = result { grants.append(holder.state) }
+        }
+        await waitUntil { waiter.state == .queued }
+
+        switch scenario.partition {
+        case .frozenServer: await offThread { server.freeze() }
+        case .blackHole: await offThread { proxy.blackHole() }
+        }
+
+        #expect(await lost.wait(timeout: .seconds(10)) { !$0.isEmpty }, "the holder never reported the loss")
+        let lostAt = lost.entries.first?.at ?? .now
+        #expect(lost.entries.map(\.value) == [token])
+        #expect(holder.state == .closed)
+
+        // When did the server last see an answered request? The proxy saw it first.
+        let traffic = proxy.traffic.filter { $0.connection == 1 }
+        let lastReply = try #require(traffic.last { $0.direction == .down && !$0.dropped })
+        let lastAnsweredRequest = try #require(traffic.last { $0.direction == .up && $0.at <= lastReply.at })
+        let heldFor = lostAt - lastAnsweredRequest.at
+        #expect(heldFor < .seconds(3), "onLockLost came \(heldFor) after the last answered request reached the proxy")
+        #expect(heldFor > .milliseconds(1500), "onLockLost came only \(heldFor) after the last answered request: too early")
+        #expect(traffic.contains { $0.direction == .up && $0.at > lastReply.at },
+                "the holder tried to renew after the fault")
+
+        if scenario.partition == .frozenServer { await offThread { server.thaw() } }
+        let thawedAt = ContinuousClock.now
+        #expect(await grants.wait(timeout: .seconds(10)) { !$0.isEmpty }, "the waiter never got the key")
+        if let grant = grants.entries.first {
+            #expect(grant.value != .held, "the waiter was granted the key while the holder still held it")
+            #expect(grant.at > lostAt)
+            // The server hands the key over once the lease ends (its sweep runs every second),
+            // or at once when the holder's close reaches it.
+            #expect(grant.at - thawedAt < .seconds(5), "the waiter got the key \(grant.at - thawedAt) after the fault ended")
+            print("partition \(scenario.testDescription): holder lost the key \(heldFor) after its last answered request reached the server; the waiter got it \(grant.at - lostAt) later")
+        }
+        try await waiter.release()
+        proxy.stop()
+        await offThread { server.stop() }
+    }
+
     // MARK: - Idle read timeout
 
     /// `--read-timeout 3`: the server drops a connection that is silent for 3 s, and its lock.
