@@ -201,6 +201,220 @@ struct FaultTests {
         await offThread { server.stop() }
     }
 
+    // MARK: - Bad input from the server
+
+    struct BadReply: Sendable, CustomTestStringConvertible {
+        let name: String
+        /// Sent in answer to the first of three pipelined requests.
+        let bytes: [UInt8]
+        var testDescription: String { name }
+
+        init(_ name: String, _ bytes: [UInt8]) {
+            self.name = name
+            self.bytes = bytes
+        }
+
+        init(_ name: String, _ text: String) {
+            self.init(name, Array(text.utf8))
+        }
+
+        static let token = "0123456789abcdef0123456789abcdef"
+        static let all: [BadReply] = [
+            BadReply("a line over 1 MiB that never ends", [UInt8](repeating: 0x78, count: LineFramer.maximumLineBytes + 2)),
+            BadReply("a line over 1 MiB with its newline", [UInt8](repeating: 0x78, count: LineFramer.maximumLineBytes + 1) + [0x0A]),
+            BadReply("binary garbage", [0x00, 0xFF, 0x13, 0x37, 0x80, 0x1B, 0x5B, 0x32, 0x4A, 0x0A]),
+            BadReply("invalid UTF-8 in a grant", Array("ok ".utf8) + [0xC3, 0x28] + Array(" 33\n".utf8)),
+            BadReply("an overlong UTF-8 NUL", Array("ok \(token) 33 ".utf8) + [0xC0, 0x80, 0x0A]),
+            BadReply("the wrong type: queued to l", "queued\n"),
+            BadReply("the wrong type: stats JSON to l", "ok {\"connections\":1,\"locks\":[]}\n"),
+            BadReply("the wrong type: a renewal answer to l", "ok 33\n"),
+            BadReply("a lease that overflows Int", "ok \(token) 99999999999999999999999\n"),
+            BadReply("a negative lease", "ok \(token) -5\n"),
+            BadReply("an empty line", "\n"),
+            BadReply("a bare CR LF", "\r\n"),
+            BadReply("an unknown status", "granted \(token) 33\n"),
+        ]
+    }
+
+    /// Three requests are pipelined; the answer to the first is bad. All three fail with a
+    /// protocol violation, the connection closes (the peer sees it), and the next request
+    /// fails at once with the same error: nothing is left hanging, nothing crashes.
+    @Test("a bad reply fails every pending call, closes the connection, and nothing crashes", arguments: BadReply.all)
+    func badReplyFailsEverythingPending(_ bad: BadReply) async throws {
+        let token = BadReply.token
+        let peer = try ScriptedPeer(script: """
+            A > b'l\\nbad\\n0\\n'
+            A > b'n\\nbad\\n\(token)\\n'
+            A > b'r\\nbad\\n\(token)\\n'
+            A << \(TestSupport.pythonBytes(bad.bytes))
+            A !
+            """)
+        let connection = try Connection(port: peer.port)
+        let results = EventLog<Result<String, LockError>>()
+        // Issued in one turn of the loop, so they go out in this order, pipelined.
+        connection.loop.execute {
+            connection.acquire(key: "bad", timeoutS: 0) { results.append($0.map { "\($0 as Any)" }) }
+            connection.renew(key: "bad", token: token) { results.append($0.map { "\($0)" }) }
+            connection.release(key: "bad", token: token) { results.append($0.map { "\($0)" }) }
+        }
+        #expect(await results.wait(timeout: .seconds(10)) { $0.count == 3 }, "only \(results.entries.count) of 3 calls completed")
+        let errors = results.entries.map { entry -> LockError? in
+            if case .failure(let error) = entry.value { return error }
+            return nil
+        }
+        #expect(errors.allSatisfy { $0 != nil }, "\(results.entries.map(\.value))")
+        let first = try #require(errors.first ?? nil)
+        guard case .protocolViolation(let detail) = first else {
+            Issue.record("expected a protocol violation, got \(first)")
+            return
+        }
+        #expect(!detail.isEmpty && detail.count < 300, "a short, clear message: \(detail)")
+        #expect(first.description.contains("The connection was closed"))
+        #expect(errors.allSatisfy { $0 == first }, "every pending call fails with the same reason")
+        try await peer.finish()
+        // Closed for good: a later request fails at once with the same reason.
+        await #expect(throws: first) { try await connection.acquire(key: "bad", timeoutS: 0) }
+    }
+
+    /// A line while nothing is pending on an open connection: the connection closes, and the
+    /// next request says why.
+    @Test("a reply with no request pending closes the connection")
+    func unsolicitedReplyOnAnIdleConnection() async throws {
+        let peer = try ScriptedPeer(script: """
+            A > b'l\\nidle\\n0\\n'
+            A < timeout
+            A < ok
+            A !
+            """)
+        let connection = try Connection(port: peer.port)
+        #expect(try await connection.acquire(key: "idle", timeoutS: 0) == nil)
+        try await peer.finish()  // the client closed the connection
+        let error = await #expect(throws: LockError.self) { try await connection.acquire(key: "idle", timeoutS: 0) }
+        guard case .protocolViolation(let detail)? = error else {
+            Issue.record("expected a protocol violation, got \(error as Any)")
+            return
+        }
+        #expect(detail.contains("no request outstanding"), "\(detail)")
+    }
+
+    /// A server that streams one endless line: the client gives up after 1 MiB and closes, so
+    /// the server cannot push more than the socket buffers hold. Memory stays bounded.
+    @Test("an endless line is cut off after 1 MiB: the client stops reading and closes")
+    func endlessLineIsCutOff() async throws {
+        let (listener, port) = try SupportSocket.listenLoopback()
+        defer { SupportSocket.closeFD(listener) }
+        let pushed = Task.detached { () -> Int in
+            await offThread { Self.pushEndlessLine(listener: listener, upTo: 256 << 20) }
+        }
+        let connection = try Connection(port: port)
+        let error = await #expect(throws: LockError.self) { try await connection.acquire(key: "endless", timeoutS: 0) }
+        guard case .protocolViolation(let detail)? = error else {
+            Issue.record("expected a protocol violation, got \(error as Any)")
+            return
+        }
+        #expect(detail.contains("longer than"), "\(detail)")
+        let bytes = await pushed.value
+        // The kernel's socket buffers take some megabytes; the client read about one.
+        #expect(bytes < 64 << 20, "the peer pushed \(bytes) bytes: the client kept reading")
+    }
+
+    /// Accepts one connection, reads a request, then writes `x` until the client goes away (or
+    /// `limit` bytes, or 10 s without progress). Returns the bytes written.
+    private static func pushEndlessLine(listener: Int32, upTo limit: Int) -> Int {
+        let fd = accept(listener, nil, nil)
+        guard fd >= 0 else { return -1 }
+        defer { SupportSocket.closeFD(fd) }
+        var timeout = timeval(tv_sec: 10, tv_usec: 0)
+        _ = setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        var request = [UInt8](repeating: 0, count: 64)
+        _ = recv(fd, &request, request.count, 0)
+        let chunk = [UInt8](repeating: 0x78, count: 64 * 1024)
+        var total = 0
+        while total < limit {
+            let n = chunk.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, SupportSocket.sendFlags) }
+            if n <= 0 { break }
+            total += n
+        }
+        return total
+    }
+
+    // MARK: - Bad input from the caller
+
+    /// Every validation rule, through the raw `Connection` commands and the lock API: a
+    /// `LockError.invalidArgument` naming the argument, and not one byte on the wire (the peer
+    /// expects exactly one valid request, sent last).
+    @Test("invalid arguments fail naming the argument, and nothing reaches the wire")
+    func invalidArgumentsNeverReachTheWire() async throws {
+        let peer = try ScriptedPeer(script: """
+            A > b'l\\nvalid\\n0\\n'
+            A < timeout
+            A !
+            """)
+        let c = try Connection(port: peer.port)
+        let token = BadReply.token
+        let tooLong = String(repeating: "k", count: Validation.maximumLineBytes + 1)
+        let injected = "k\nr\nk\n\(token)"
+        let calls: [(String, @Sendable () async throws -> Void)] = [
+            ("key", { _ = try await c.acquire(key: "", timeoutS: 0) }),
+            ("key", { _ = try await c.acquire(key: "a b", timeoutS: 0) }),
+            ("key", { _ = try await c.acquire(key: injected, timeoutS: 0) }),
+            ("key", { _ = try await c.acquire(key: "k\r", timeoutS: 0) }),
+            ("key", { _ = try await c.acquire(key: "k\0", timeoutS: 0) }),
+            ("key", { _ = try await c.acquire(key: "k\t", timeoutS: 0) }),
+            ("key", { _ = try await c.acquire(key: "k\u{2028}", timeoutS: 0) }),
+            ("key", { _ = try await c.acquire(key: tooLong, timeoutS: 0) }),
+            ("timeoutS", { _ = try await c.acquire(key: "k", timeoutS: -1) }),
+            ("leaseTtlS", { _ = try await c.acquire(key: "k", timeoutS: 0, leaseTtlS: 0) }),
+            ("key", { try await c.release(key: "", token: token) }),
+            ("token", { try await c.release(key: "k", token: "") }),
+            ("token", { try await c.release(key: "k", token: "\(token)\nl\nk\n0") }),
+            ("token", { try await c.release(key: "k", token: tooLong) }),
+            ("token", { _ = try await c.renew(key: "k", token: "a b") }),
+            ("leaseTtlS", { _ = try await c.renew(key: "k", token: token, leaseTtlS: -3) }),
+            ("key", { _ = try await c.enqueue(key: "k k") }),
+            ("leaseTtlS", { _ = try await c.enqueue(key: "k", leaseTtlS: 0) }),
+            ("key", { _ = try await c.wait(key: "\n", timeoutS: 1) }),
+            ("timeoutS", { _ = try await c.wait(key: "k", timeoutS: -1) }),
+            ("limit", { _ = try await c.acquireSemaphore(key: "k", limit: 0, timeoutS: 0) }),
+            ("timeoutS", { _ = try await c.acquireSemaphore(key: "k", limit: 1, timeoutS: -1) }),
+            ("leaseTtlS", { _ = try await c.acquireSemaphore(key: "k", limit: 1, timeoutS: 0, leaseTtlS: 0) }),
+            ("token", { try await c.releaseSemaphore(key: "k", token: "t\0") }),
+            ("token", { _ = try await c.renewSemaphore(key: "k", token: "") }),
+            ("limit", { _ = try await c.enqueueSemaphore(key: "k", limit: -1) }),
+            ("timeoutS", { _ = try await c.waitSemaphore(key: "k", timeoutS: -2) }),
+            ("timeoutS", { _ = try await DistributedLock(key: "k", servers: [("127.0.0.1", peer.port)]).wait(timeoutS: -1) }),
+            ("timeoutS", { _ = try await DistributedSemaphore(key: "k", limit: 2, servers: [("127.0.0.1", peer.port)]).wait(timeoutS: -1) }),
+            ("host", { _ = try Connection(host: "", port: peer.port) }),
+            ("host", { _ = try Connection(host: "127.0.0.1\nl", port: peer.port) }),
+            ("port", { _ = try Connection(port: 0) }),
+            ("port", { _ = try Connection(port: 65536) }),
+            ("auth", { _ = try Connection(port: peer.port, auth: "") }),
+            ("auth", { _ = try Connection(port: peer.port, auth: "s3cret\nl\nk\n0") }),
+            ("auth", { _ = try Connection(port: peer.port, auth: String(repeating: "s", count: Validation.maximumSecretBytes + 1)) }),
+            ("connectTimeoutMs", { _ = try Connection(port: peer.port, connectTimeoutMs: 0) }),
+            ("socketTimeoutMs", { _ = try Connection(port: peer.port, socketTimeoutMs: -1) }),
+            ("maxIdleMs", { _ = try DistributedLock(key: "k", servers: [("127.0.0.1", peer.port)], maxIdleMs: 0) }),
+            ("limit", { _ = try DistributedSemaphore(key: "k", limit: 0, servers: [("127.0.0.1", peer.port)]) }),
+        ]
+        for (index, (name, call)) in calls.enumerated() {
+            do {
+                try await call()
+                Issue.record("call \(index) (\(name)) was accepted")
+            } catch let error as LockError {
+                guard case .invalidArgument(let actual, let reason) = error else {
+                    Issue.record("call \(index): expected invalidArgument(\(name)), got \(error)")
+                    continue
+                }
+                #expect(actual == name, "call \(index)")
+                #expect(!reason.isEmpty && error.description.hasPrefix("invalid \(name): "), "call \(index): \(error)")
+            }
+        }
+        // The one valid request is the first thing the peer sees.
+        #expect(try await c.acquire(key: "valid", timeoutS: 0) == nil)
+        c.close()
+        try await peer.finish()
+    }
+
     // MARK: - Idle read timeout
 
     /// `--read-timeout 3`: the server drops a connection that is silent for 3 s, and its lock.
