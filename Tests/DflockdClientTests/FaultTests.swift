@@ -459,6 +459,225 @@ struct FaultTests {
     }
 }
 
+// MARK: - Mutual exclusion under faults
+
+/// Twenty locks on one key for 30 s; half reach the server directly, half through a proxy.
+/// Meanwhile the server is killed and restarted twice, and the proxy becomes a black hole twice.
+/// Each fault is injected from inside a critical section (while that worker holds the key), and
+/// that section then outlasts the fault, so its lock is certainly lost: by EOF after SIGKILL, by
+/// the local lease deadline in the black hole, where the server hands the key on only when the
+/// 2 s lease runs out. Every critical section reads a shared counter, sleeps, and writes the
+/// incremented value only if its lock is still `.held` with `leaseRemaining` above a margin
+/// right before the write; otherwise it aborts. No two committed sections may overlap, and the
+/// counter must equal the number of commits (an overlap would also lose an update).
+@Suite("Mutual exclusion under faults", .timeLimit(.minutes(3)))
+struct MutualExclusionTests {
+    static let workers = 20
+    static let duration = Duration.seconds(30)
+    static let commitMargin = Duration.milliseconds(300)
+
+    enum Fault: String, Sendable {
+        case kill, blackHole
+    }
+
+    /// When each fault is armed, from the start; the next suitable worker to enter its critical
+    /// section injects it.
+    static let plan: [(at: Duration, fault: Fault)] = [
+        (.seconds(4), .kill), (.seconds(10), .blackHole), (.seconds(17), .kill), (.seconds(22), .blackHole),
+    ]
+
+    struct Commit: Sendable {
+        let worker: Int
+        let token: String
+        let enter: ContinuousClock.Instant
+        let exit: ContinuousClock.Instant
+    }
+
+    struct Injection: Sendable {
+        let fault: Fault
+        let worker: Int
+        let token: String
+        var committed: Bool?
+    }
+
+    /// Everything the workers share, under one lock.
+    final class Ledger: Sendable {
+        struct State {
+            var counter = 0
+            var commits: [Commit] = []
+            var aborts = 0
+            var errors: [String: Int] = [:]
+            var timeouts = 0
+            var losses: [(worker: Int, token: String)] = []
+            var armed: [Fault] = []
+            var injections: [Injection] = []
+        }
+
+        let state = Mutex(State())
+
+        func read() -> Int { state.withLock { $0.counter } }
+
+        func commit(worker: Int, token: String, enter: ContinuousClock.Instant, value: Int) {
+            state.withLock { s in
+                s.counter = value
+                s.commits.append(Commit(worker: worker, token: token, enter: enter, exit: .now))
+            }
+        }
+
+        func abort() { state.withLock { $0.aborts += 1 } }
+        func timedOut() { state.withLock { $0.timeouts += 1 } }
+
+        func failed(_ error: any Error) {
+            // The case name: connectFailed, connectionClosed, socketTimeout, ...
+            let kind = (error as? LockError).map { Mirror(reflecting: $0).children.first?.label ?? "\($0)" } ?? "\(error)"
+            state.withLock { $0.errors[kind, default: 0] += 1 }
+        }
+
+        func lost(worker: Int, token: String) { state.withLock { $0.losses.append((worker, token)) } }
+
+        func arm(_ fault: Fault) { state.withLock { $0.armed.append(fault) } }
+
+        /// The armed fault this worker may inject, claimed: a black hole needs a worker behind
+        /// the proxy.
+        func claim(worker: Int, token: String, proxied: Bool) -> Fault? {
+            state.withLock { s in
+                guard let fault = s.armed.first, fault == .kill || proxied else { return nil }
+                s.armed.removeFirst()
+                s.injections.append(Injection(fault: fault, worker: worker, token: token))
+                return fault
+            }
+        }
+
+        func settle(token: String, committed: Bool) {
+            state.withLock { s in
+                if let index = s.injections.lastIndex(where: { $0.token == token }) { s.injections[index].committed = committed }
+            }
+        }
+    }
+
+    /// Injects the faults.
+    final class Injector: Sendable {
+        let server: RealServer
+        let proxy: BlackHoleProxy
+        let restarts = Mutex<[Task<Void, any Error>]>([])
+
+        init(server: RealServer, proxy: BlackHoleProxy) {
+            self.server = server
+            self.proxy = proxy
+        }
+
+        /// Injects `fault` while the caller holds the key; returns how long its section must
+        /// last to outlive the fault.
+        func inject(_ fault: Fault) async -> Duration {
+            switch fault {
+            case .kill:
+                await offThread { [server] in server.kill() }
+                let restart = Task { [server] in
+                    try await Task.sleep(for: .milliseconds(300))
+                    try await offThread { try server.restart() }
+                }
+                restarts.withLock { $0.append(restart) }
+                return .seconds(3)
+            case .blackHole:
+                await offThread { [proxy] in proxy.blackHole() }
+                return .seconds(4)  // the 2 s lease, the server's 1 s sweep, and some
+            }
+        }
+    }
+
+    @Test("20 locks, one key, 30 s, server killed and restarted twice, partitioned twice: no overlap, no lost update")
+    func mutualExclusionUnderFaults() async throws {
+        let server = try await offThread { try RealServer.start() }
+        let proxy = try BlackHoleProxy(targetPort: server.port)
+        let ledger = Ledger()
+        let injector = Injector(server: server, proxy: proxy)
+        let locks = try (0..<Self.workers).map { worker in
+            try DistributedLock(key: "mutex", acquireTimeoutS: 2, leaseTtlS: 2,
+                                servers: [("127.0.0.1", worker.isMultiple(of: 2) ? server.port : proxy.port)],
+                                onLockLost: { _, token in ledger.lost(worker: worker, token: token) },
+                                connectTimeoutMs: 1000, socketTimeoutMs: 1500)
+        }
+        let start = ContinuousClock.now
+        let end = start.advanced(by: Self.duration)
+
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask {
+                for (at, fault) in Self.plan {
+                    try await Task.sleep(until: start.advanced(by: at))
+                    ledger.arm(fault)
+                }
+            }
+            for (worker, lock) in locks.enumerated() {
+                let proxied = !worker.isMultiple(of: 2)
+                group.addTask {
+                    while ContinuousClock.now < end {
+                        let acquired: Bool
+                        do {
+                            acquired = try await lock.acquire()
+                        } catch {
+                            // The server is down or restarting, the proxy resets or drops the
+                            // connection: try again shortly.
+                            ledger.failed(error)
+                            try await Task.sleep(for: .milliseconds(Int.random(in: 20...80)))
+                            continue
+                        }
+                        guard acquired, let token = lock.token else {
+                            ledger.timedOut()
+                            continue
+                        }
+                        let enter = ContinuousClock.now
+                        let seen = ledger.read()
+                        let fault = ledger.claim(worker: worker, token: token, proxied: proxied)
+                        let pause = fault != nil ? await injector.inject(fault!) : .milliseconds(Int.random(in: 2...20))
+                        try await Task.sleep(for: pause)
+                        // Check, then write, with no suspension point in between.
+                        if lock.state == .held, let remaining = lock.leaseRemaining, remaining > Self.commitMargin {
+                            ledger.commit(worker: worker, token: token, enter: enter, value: seen + 1)
+                            if fault != nil { ledger.settle(token: token, committed: true) }
+                        } else {
+                            ledger.abort()
+                            if fault != nil { ledger.settle(token: token, committed: false) }
+                        }
+                        if fault == .blackHole { await offThread { proxy.heal() } }
+                        try? await lock.release()
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        for restart in injector.restarts.withLock({ $0 }) { try await restart.value }
+
+        let s = ledger.state.withLock { $0 }
+        print("""
+            mutual exclusion: \(s.commits.count) commits, \(s.aborts) aborts, \(s.timeouts) acquire timeouts, \
+            \(s.losses.count) onLockLost, errors \(s.errors.sorted { $0.key < $1.key }), \
+            commits direct/proxied \(s.commits.filter { $0.worker.isMultiple(of: 2) }.count)/\(s.commits.filter { !$0.worker.isMultiple(of: 2) }.count), \
+            injections \(s.injections.map { "\($0.fault.rawValue) by \($0.worker): \($0.committed.map { $0 ? "committed" : "aborted" } ?? "?")" })
+            """)
+
+        #expect(s.counter == s.commits.count, "lost updates: the counter is \(s.counter) after \(s.commits.count) commits")
+        let ordered = s.commits.sorted { $0.enter < $1.enter }
+        for (before, after) in zip(ordered, ordered.dropFirst()) where after.enter < before.exit {
+            Issue.record("""
+                overlap: worker \(before.worker) (\(before.token)) held the key until \(before.exit - start), \
+                worker \(after.worker) (\(after.token)) entered at \(after.enter - start)
+                """)
+        }
+        #expect(Set(s.commits.map(\.token)).count == s.commits.count, "a grant committed twice")
+        #expect(s.commits.count >= 100, "too few commits to mean anything: \(s.commits.count)")
+        #expect(s.commits.contains { $0.worker.isMultiple(of: 2) } && s.commits.contains { !$0.worker.isMultiple(of: 2) })
+        // Every fault was injected while its worker held the key, and lost it that worker.
+        #expect(s.injections.map(\.fault) == Self.plan.map(\.fault), "not every fault was injected: \(s.injections)")
+        for injection in s.injections {
+            #expect(injection.committed == false, "the section that \(injection.fault) interrupted committed anyway")
+            #expect(s.losses.contains { $0.token == injection.token }, "no onLockLost for the lock \(injection.fault) took")
+        }
+        #expect(s.errors.count > 0, "the faults never reached a worker outside its critical section")
+        proxy.stop()
+        await offThread { server.stop() }
+    }
+}
+
 // MARK: - Helpers
 
 /// Runs blocking work on a thread of its own, off the cooperative pool.
