@@ -43,17 +43,25 @@ struct FaultTests {
                 """)
             port = peer!.port
         case .reset:
-            server = try await offThread { try RealServer.start() }
+            server = try await SharedServers.plain.value
             proxy = try BlackHoleProxy(targetPort: server!.port)
             port = proxy!.port
         }
         let lock = try DistributedLock(key: "held", acquireTimeoutS: 5, leaseTtlS: 30, servers: [("127.0.0.1", port)],
                                        onLockLost: { _, token in lost.append(token) })
-        #expect(try await lock.acquire())
-        let heldToken = try #require(lock.token)
+        // The token and the time of the grant are taken on the loop thread, in the completion:
+        // a scripted fault follows the grant by only 200 ms, and this task may resume later.
+        let grants = EventLog<String?>()
+        lock.acquire { result in grants.append(try? result.get() == true ? lock.token : nil) }
+        #expect(await grants.wait(timeout: .seconds(10)) { !$0.isEmpty }, "the acquire never completed")
+        let grant = try #require(grants.entries.first)
+        let heldToken = try #require(grant.value, "not acquired")
         if fault != .reset { #expect(heldToken == token) }
-        let faultAt = ContinuousClock.now
-        if let proxy { await offThread { proxy.resetAll() } }
+        var faultAt = grant.at
+        if let proxy {
+            faultAt = .now
+            await offThread { proxy.resetAll() }
+        }
 
         #expect(await lost.wait(timeout: .seconds(10)) { !$0.isEmpty }, "onLockLost was not called")
         let entries = lost.entries
@@ -71,7 +79,6 @@ struct FaultTests {
         if let server {
             // The reset reached the server too: it released the key.
             #expect(try await offThread { try !isHeld("held", port: server.port) })
-            await offThread { server.stop() }
         }
         proxy?.stop()
     }
@@ -141,7 +148,10 @@ struct FaultTests {
     @Test("partition while held: onLockLost before the lease can end on the server; the waiter gets the key",
           arguments: PartitionCase.all)
     func partitionWhileHeld(_ scenario: PartitionCase) async throws {
-        let server = try await offThread { try RealServer.start() }
+        // A frozen server is of no use to anyone else; a black hole only hides the shared one.
+        let server = scenario.partition == .frozenServer
+            ? try await offThread { try RealServer.start() }
+            : try await SharedServers.plain.value
         let proxy = try BlackHoleProxy(targetPort: server.port)
         let lost = EventLog<String>()
         let key = "partition-\(scenario.partition.rawValue)-\(scenario.afterRenewal)"
@@ -198,7 +208,7 @@ struct FaultTests {
         }
         try await waiter.release()
         proxy.stop()
-        await offThread { server.stop() }
+        if scenario.partition == .frozenServer { await offThread { server.stop() } }
     }
 
     // MARK: - Bad input from the server
@@ -421,7 +431,7 @@ struct FaultTests {
     /// A 60 s lease renews every 30 s by the ratio; `maxIdleMs` caps the gap.
     @Test("a 60 s lease stays held on a server with --read-timeout 3 when maxIdleMs is 1000")
     func maxIdleKeepsTheSessionAlive() async throws {
-        let server = try await offThread { try RealServer.start(["--read-timeout", "3"]) }
+        let server = try await SharedServers.readTimeout3.value
         let lost = EventLog<String>()
         let lock = try DistributedLock(key: "idle-capped", acquireTimeoutS: 5, leaseTtlS: 60, servers: [("127.0.0.1", server.port)],
                                        onLockLost: { _, token in lost.append(token) }, maxIdleMs: 1000)
@@ -435,14 +445,13 @@ struct FaultTests {
             #expect(try await offThread { try isHeld("idle-capped", port: server.port) })
         }
         try await lock.release()
-        await offThread { server.stop() }
     }
 
     /// The same lock without the cap: the server drops it after 3 s of silence (sending an
     /// unsolicited `error` and closing), which the client reports at once.
     @Test("with maxIdleMs nil the same lock is lost to the read timeout (so the test above can fail)")
     func withoutMaxIdleTheReadTimeoutWins() async throws {
-        let server = try await offThread { try RealServer.start(["--read-timeout", "3"]) }
+        let server = try await SharedServers.readTimeout3.value
         let lost = EventLog<String>()
         let lock = try DistributedLock(key: "idle-uncapped", acquireTimeoutS: 5, leaseTtlS: 60, servers: [("127.0.0.1", server.port)],
                                        onLockLost: { _, token in lost.append(token) }, maxIdleMs: nil)
@@ -455,7 +464,6 @@ struct FaultTests {
         }
         #expect(lock.state == .closed)
         #expect(try await offThread { try !isHeld("idle-uncapped", port: server.port) }, "the server released the key")
-        await offThread { server.stop() }
     }
 }
 
@@ -680,18 +688,12 @@ struct MutualExclusionTests {
 
 // MARK: - Helpers
 
-/// Runs blocking work on a thread of its own, off the cooperative pool.
-func offThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
-    try await withCheckedThrowingContinuation { continuation in
-        Thread { continuation.resume(with: Result { try body() }) }.start()
-    }
-}
-
-/// Runs blocking work on a thread of its own, off the cooperative pool.
-func offThread<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
-    await withCheckedContinuation { continuation in
-        Thread { continuation.resume(returning: body()) }.start()
-    }
+/// Servers shared by the tests that neither kill, freeze nor restart them (each uses keys of
+/// its own): fewer Python processes starting at once on a small machine. Started on first use,
+/// off the cooperative pool; they end with the test process (RealServer's watchdog pipe).
+enum SharedServers {
+    static let plain = Task { try await offThread { try RealServer.start() } }
+    static let readTimeout3 = Task { try await offThread { try RealServer.start(["--read-timeout", "3"]) } }
 }
 
 /// Whether another client finds `key` held: `l key 0` answers `timeout`. A grant is released at
@@ -705,69 +707,4 @@ func isHeld(_ key: String, port: Int) throws -> Bool {
     guard fields.first == "ok", fields.count >= 2 else { throw TestSupportError("unexpected reply \(reply) to l \(key) 0") }
     _ = try client.send("r", key, String(fields[1]))
     return false
-}
-
-/// Values appended from any thread, each with the time it arrived; tasks can wait for a
-/// condition on them without polling.
-final class EventLog<Element: Sendable>: Sendable {
-    struct Entry: Sendable {
-        let value: Element
-        let at: ContinuousClock.Instant
-    }
-
-    private struct Waiter {
-        let predicate: @Sendable ([Entry]) -> Bool
-        let continuation: CheckedContinuation<Bool, Never>
-    }
-
-    private struct State {
-        var entries: [Entry] = []
-        var waiters: [Int: Waiter] = [:]
-        var nextID = 0
-    }
-
-    private let state = Mutex(State())
-
-    func append(_ value: Element) {
-        let ready = state.withLock { s -> [CheckedContinuation<Bool, Never>] in
-            s.entries.append(Entry(value: value, at: .now))
-            var ready: [CheckedContinuation<Bool, Never>] = []
-            for (id, waiter) in s.waiters where waiter.predicate(s.entries) {
-                ready.append(waiter.continuation)
-                s.waiters[id] = nil
-            }
-            return ready
-        }
-        for continuation in ready { continuation.resume(returning: true) }
-    }
-
-    var entries: [Entry] { state.withLock { $0.entries } }
-
-    /// True once `predicate` holds for the entries, false if `timeout` passes first.
-    func wait(timeout: Duration, until predicate: @escaping @Sendable ([Entry]) -> Bool) async -> Bool {
-        let id = state.withLock { s -> Int in
-            s.nextID += 1
-            return s.nextID
-        }
-        return await withCheckedContinuation { continuation in
-            let satisfied = state.withLock { s -> Bool in
-                if predicate(s.entries) { return true }
-                s.waiters[id] = Waiter(predicate: predicate, continuation: continuation)
-                return false
-            }
-            if satisfied {
-                continuation.resume(returning: true)
-                return
-            }
-            Task {
-                try? await Task.sleep(for: timeout)
-                self.expire(id)
-            }
-        }
-    }
-
-    private func expire(_ id: Int) {
-        let waiter = state.withLock { $0.waiters.removeValue(forKey: id) }
-        waiter?.continuation.resume(returning: false)
-    }
 }
