@@ -87,6 +87,14 @@ let package = Package(
             ],
             path: "Benchmarks/DflockdBench"
         ),
+        // The fuzz harness (make fuzz) and, in debug builds, a replayer of its inputs.
+        .executableTarget(
+            name: "DflockdFuzz",
+            dependencies: ["DflockdClient", "CUV", "CLibFuzzer"],
+            path: "Tests/Fuzz",
+            exclude: ["make-seeds.py", "Regressions"]
+        ),
+        .systemLibrary(name: "CLibFuzzer", path: "Tests/FuzzSupport/CLibFuzzer"),
         .testTarget(
             name: "DflockdClientTests",
             dependencies: ["DflockdClient", "CUV"],

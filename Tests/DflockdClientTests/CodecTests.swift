@@ -512,6 +512,30 @@ struct CodecTests {
             }
         }
 
+        /// Found by the fuzzer: `ok \0<token> 33` was a grant whose token this client could
+        /// never send back in a renewal or release.
+        @Test("a grant whose token could not be sent back is a protocol violation")
+        func unsendableTokens() throws {
+            let requests = [try Request.acquire(key: "k", timeoutS: 5), try .wait(key: "k", timeoutS: 1), try .enqueue(key: "k"),
+                            try .semaphoreAcquire(key: "k", limit: 2, timeoutS: 0), try .semaphoreWait(key: "k", timeoutS: 1),
+                            try .semaphoreEnqueue(key: "k", limit: 2)]
+            let status = ["l": "ok", "w": "ok", "e": "acquired", "sl": "ok", "sw": "ok", "se": "acquired"]
+            for request in requests {
+                let ok = status[request.command.rawValue]!
+                for token in ["\0\(T)", "a\tb", "a\u{0B}b", "a\u{A0}b", "a\u{2028}b", String(repeating: "f", count: 256)] {
+                    let result = Self.decode("\(ok) \(token) 33", request)
+                    guard case .failure(.protocolViolation(let detail)) = result else {
+                        Issue.record("\(token.debugDescription) to \(request.command.rawValue) gave \(result)")
+                        continue
+                    }
+                    #expect(detail.contains("token cannot be sent back"), "\(detail)")
+                }
+                // The longest token the client can send back is fine.
+                let longest = String(repeating: "f", count: 255)
+                #expect(Self.decode("\(ok) \(longest) 33", request) == .success(.granted(Grant(token: longest, leaseS: 33))))
+            }
+        }
+
         @Test("invalid UTF-8 is a protocol violation")
         func invalidUTF8() throws {
             let l = try Request.acquire(key: "k", timeoutS: 5)

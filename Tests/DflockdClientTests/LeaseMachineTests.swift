@@ -22,7 +22,8 @@ import Testing
             .scheduleTimer(afterMs: 10_000), .finish(.acquire, .granted), .stateChanged(.held),
         ])
         #expect(machine.holding?.grant == grant)
-        #expect(machine.holding?.deadlineMs == 21_000)
+        // 1 s + 20 s, less the safety margin: a tenth of the lease, at most 1 s.
+        #expect(machine.holding?.deadlineMs == 20_000)
     }
 
     @Test func timeoutClosesTheSessionAndReportsFalse() {
@@ -45,24 +46,47 @@ import Testing
 
     @Test func renewalUpdatesLeaseAndDeadlineAndReschedules() {
         var machine = heldMachine()
-        // Granted at 1 s with 20 s: renew at 11 s, and wait for the answer until 21 s at most.
-        #expect(machine.handle(.timerFired(nowMs: 11_000)) == [.send(.renew(token: grant.token)), .scheduleTimer(afterMs: 10_000)])
+        // Granted at 1 s with 20 s: renew at 11 s, and wait for the answer until 20 s at most
+        // (21 s less the 1 s margin).
+        #expect(machine.handle(.timerFired(nowMs: 11_000)) == [.send(.renew(token: grant.token)), .scheduleTimer(afterMs: 9_000)])
         // A tick while the renewal is in flight sends nothing more.
-        #expect(machine.handle(.timerFired(nowMs: 15_000)) == [.scheduleTimer(afterMs: 6_000)])
+        #expect(machine.handle(.timerFired(nowMs: 15_000)) == [.scheduleTimer(afterMs: 5_000)])
         #expect(machine.handle(.renewed(leaseS: 8, sentAtMs: 11_000)) == [.scheduleTimer(afterMs: 4_000)])
         #expect(machine.holding?.leaseS == 8)
-        #expect(machine.holding?.deadlineMs == 19_000)
+        // 11 s + 8 s, less 0.8 s.
+        #expect(machine.holding?.deadlineMs == 18_200)
     }
 
     @Test func unansweredRenewalLosesTheLockAtTheLocalDeadline() {
         var machine = heldMachine()
         _ = machine.handle(.timerFired(nowMs: 11_000))
-        #expect(machine.handle(.timerFired(nowMs: 20_999)) == [.scheduleTimer(afterMs: 1)])
-        #expect(machine.handle(.timerFired(nowMs: 21_000)) == [
+        #expect(machine.handle(.timerFired(nowMs: 19_999)) == [.scheduleTimer(afterMs: 1)])
+        #expect(machine.handle(.timerFired(nowMs: 20_000)) == [
             .cancelTimer, .closeConnection, .reportLockLost(token: grant.token), .stateChanged(.closed),
         ])
         // The renewal's answer, arriving after all, changes nothing.
         #expect(machine.handle(.renewed(leaseS: 20, sentAtMs: 11_000)) == [])
+    }
+
+    /// The server starts the lease when it reads the request, after we sent it; a timer only
+    /// ever fires late. The margin keeps the loss ahead of the earliest server-side expiry.
+    @Test func theLocalDeadlineKeepsASafetyMarginBeforeTheLeaseEnds() {
+        func deadline(leaseS: Int, renewRatio: Double = 0.5, maxIdleMs: Int? = nil) -> UInt64? {
+            var machine = LeaseMachine(key: "job", acquireTimeoutS: 10, renewRatio: renewRatio, maxIdleMs: maxIdleMs)
+            _ = machine.handle(.acquireRequested(force: false))
+            _ = machine.handle(.connected)
+            _ = machine.handle(.granted(Grant(token: grant.token, leaseS: leaseS), sentAtMs: 0))
+            return machine.holding?.deadlineMs
+        }
+        #expect(deadline(leaseS: 33) == 32_000, "a tenth of the lease, at most 1 s")
+        #expect(deadline(leaseS: 3) == 2_700)
+        #expect(deadline(leaseS: 1) == 900)
+        #expect(deadline(leaseS: 60, maxIdleMs: 10_000) == 59_000)
+        // The renewal keeps at least as much time to be answered as the margin takes.
+        #expect(deadline(leaseS: 1, renewRatio: 0.95) == 975)
+        #expect(deadline(leaseS: 0) == 0)
+        #expect(LeaseMachine.safetyMarginMs(leaseMs: 3_000, renewalDelayMs: 1_500) == 300)
+        #expect(LeaseMachine.safetyMarginMs(leaseMs: 1_000, renewalDelayMs: 1_000) == 0)
     }
 
     @Test func aLateTimerPastTheDeadlineLosesTheLockWithoutRenewing() {

@@ -7,8 +7,10 @@ import Testing
 struct LockTests {
     let server: RealServer
 
-    init() throws {
-        server = try RealServer.start()
+    // Off the cooperative pool: every test of the suite starts a server, and a start blocks for
+    // about a second (longer on a loaded machine), which would stall the other tests' timers.
+    init() async throws {
+        server = try await offThread { try RealServer.start() }
     }
 
     private func lock(_ key: String, acquireTimeoutS: Int = 5, leaseTtlS: Int? = nil,
@@ -101,7 +103,7 @@ struct LockTests {
     }
 
     @Test func serverKilledWhileHeldReportsLockLostOnce() async throws {
-        let own = try RealServer.start()
+        let own = try await offThread { try RealServer.start() }
         let (lost, report) = AsyncStream<(String, String)>.makeStream()
         let calls = Recorder<String>()
         let lock = try DistributedLock(key: "lock-killed", servers: [("127.0.0.1", own.port)], onLockLost: { key, token in
@@ -110,7 +112,7 @@ struct LockTests {
         })
         #expect(try await lock.acquire())
         let token = try #require(lock.token)
-        own.kill()
+        await offThread { own.kill() }
         var iterator = lost.makeAsyncIterator()
         let first = await iterator.next()
         #expect(first?.0 == "lock-killed")
@@ -236,7 +238,7 @@ struct LockTests {
     }
 
     @Test func eachKeyLivesOnTheServerStableHashShardPicks() async throws {
-        let others = [try RealServer.start(), try RealServer.start()]
+        let others = try await offThread { try RealServer.startMany(2) }
         let ports = [server.port, others[0].port, others[1].port]
         let servers = ports.map { ("127.0.0.1", $0) }
         for key in ["my-resource", "a", "bench-0", "clé-锁", "orders/42", "shard-x", "shard-y"] {

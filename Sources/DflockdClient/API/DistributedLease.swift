@@ -86,7 +86,8 @@ public class DistributedLease: @unchecked Sendable {
 
     /// How long the current lease is still certain to be ours, by the client's own clock: from
     /// when the request that earned the grant or the last renewal was *sent*, plus the lease the
-    /// server answered. `nil` when nothing is held.
+    /// server answered, less a safety margin (a tenth of the lease, at most 1 s) for a loop
+    /// that runs late. `nil` when nothing is held.
     ///
     /// Check it right before a write that must not happen without the lock. When it reaches
     /// zero without a renewal having moved it, the lock is declared lost (`onLockLost`) before

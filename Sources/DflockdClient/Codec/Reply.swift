@@ -55,7 +55,15 @@ enum ReplyDecoder {
             guard fields.count >= 3, let lease = Int(fields[2]), lease >= 0 else {
                 return .failure(unexpected(line, for: request))
             }
-            return .success(.granted(Grant(token: String(fields[1]), leaseS: lease)))
+            // The token goes back in every renewal and release: one this client could not send
+            // (whitespace other than a space, NUL, over-long) is as bad as no token at all.
+            let token = String(fields[1])
+            do throws(LockError) {
+                try Validation.token(token)
+            } catch {
+                return .failure(unexpected(line, for: request, because: "its token cannot be sent back (it must be at most \(Validation.maximumLineBytes) bytes, without whitespace or NUL)"))
+            }
+            return .success(.granted(Grant(token: token, leaseS: lease)))
         case ("ok", .renew), ("ok", .semaphoreRenew):
             guard fields.count >= 2, let seconds = Int(fields[1]), seconds >= 0 else {
                 return .failure(unexpected(line, for: request))
@@ -111,9 +119,9 @@ enum ReplyDecoder {
         }
     }
 
-    private static func unexpected(_ line: String, for request: Request) -> LockError {
+    private static func unexpected(_ line: String, for request: Request, because reason: String? = nil) -> LockError {
         let shown = line.count > 80 ? "\(line.prefix(80))…" : line
-        return .protocolViolation("unexpected reply \(shown.debugDescription) to '\(request.command.rawValue)'")
+        return .protocolViolation("unexpected reply \(shown.debugDescription) to '\(request.command.rawValue)'" + (reason.map { ": \($0)" } ?? ""))
     }
 
     private static func utf8String(_ bytes: UnsafeRawBufferPointer) -> String? {

@@ -26,6 +26,9 @@ public final class Connection: @unchecked Sendable {
 
     let configuration: Configuration
     weak var delegate: (any ConnectionDelegate)?
+    /// Makes the byte stream when the connection starts: TCP unless a test or the fuzz target
+    /// substitutes its own (set before the first request). Loop thread.
+    var makeTransport: (EventLoop) -> any Transport = { TCPTransport(loop: $0) }
 
     // Loop-confined state.
     private var phase = Phase.idle
@@ -210,7 +213,7 @@ public final class Connection: @unchecked Sendable {
                 }
                 transport = TLSTransport(loop: loop, context: context, options: tls)
             } else {
-                transport = TCPTransport(loop: loop)
+                transport = makeTransport(loop)
             }
         } catch {
             loop.runLater { [self] in end(with: error, notifyDelegate: true) }

@@ -79,8 +79,10 @@ struct LeaseMachine: Sendable {
     struct Holding: Sendable, Hashable {
         var grant: Grant
         var leaseS: Int
-        /// When the lease ends by our own clock: the send time of the request that earned the
-        /// grant or the last renewal, plus the lease the server answered.
+        /// When the lease ends by our own clock, less a safety margin: the send time of the
+        /// request that earned the grant or the last renewal, plus the lease the server answered,
+        /// minus ``LeaseMachine/safetyMarginMs(leaseMs:renewalDelayMs:)``. The lock is declared
+        /// lost when the timer reaches it without a renewal having moved it.
         var deadlineMs: UInt64
         var renewalInFlight = false
     }
@@ -184,7 +186,7 @@ struct LeaseMachine: Sendable {
             guard case .held(var holding) = state else { return [] }
             holding.renewalInFlight = false
             holding.leaseS = leaseS
-            holding.deadlineMs = sentAtMs + Self.milliseconds(leaseS)
+            holding.deadlineMs = deadline(sentAtMs: sentAtMs, leaseS: leaseS)
             state = .held(holding)
             return [.scheduleTimer(afterMs: renewalDelayMs(leaseS: leaseS))]
         case .released:
@@ -271,7 +273,7 @@ struct LeaseMachine: Sendable {
 
     private mutating func granted(_ grant: Grant, sentAtMs: UInt64) -> [Action] {
         guard case .queued(let operation?) = state else { return [] }
-        state = .held(Holding(grant: grant, leaseS: grant.leaseS, deadlineMs: sentAtMs + Self.milliseconds(grant.leaseS)))
+        state = .held(Holding(grant: grant, leaseS: grant.leaseS, deadlineMs: deadline(sentAtMs: sentAtMs, leaseS: grant.leaseS)))
         return [.scheduleTimer(afterMs: renewalDelayMs(leaseS: grant.leaseS)), .finish(operation, .granted)]
     }
 
@@ -328,6 +330,28 @@ struct LeaseMachine: Sendable {
     /// (68 years) rather than overflowing.
     static func milliseconds(_ seconds: Int) -> UInt64 {
         UInt64(min(max(seconds, 0), 1 << 31)) * 1000
+    }
+
+    /// How much sooner than the end of the lease by our clock the lock is given up.
+    ///
+    /// The server starts a lease when it reads the request, which is after we sent it, so
+    /// `sentAt + lease` is the earliest moment it may hand the key to someone else. A timer
+    /// never fires before its time, and fires late by however long the loop is busy: a deadline
+    /// checked exactly at `sentAt + lease` loses that race about half the time. A tenth of the
+    /// lease, at most a second, absorbs ordinary lateness; it never takes more than half the
+    /// time between the renewal and the end of the lease, so the renewal still has time to be
+    /// answered. (A stall longer than the margin cannot be covered by any timer: callers check
+    /// `leaseRemaining` before a protected write.)
+    static func safetyMarginMs(leaseMs: UInt64, renewalDelayMs: UInt64) -> UInt64 {
+        guard leaseMs > renewalDelayMs else { return 0 }
+        return min(leaseMs / 10, 1000, (leaseMs - renewalDelayMs) / 2)
+    }
+
+    /// The local deadline of a lease of `leaseS` earned by a request sent at `sentAtMs`.
+    private func deadline(sentAtMs: UInt64, leaseS: Int) -> UInt64 {
+        let leaseMs = Self.milliseconds(leaseS)
+        let margin = Self.safetyMarginMs(leaseMs: leaseMs, renewalDelayMs: UInt64(renewalDelayMs(leaseS: leaseS)))
+        return sentAtMs + leaseMs - margin
     }
 
     private func renewalDelayMs(leaseS: Int) -> Int {

@@ -69,12 +69,12 @@ final class RealServer: @unchecked Sendable {
 
     /// Starts `dflockd --host 127.0.0.1 --port <free port> <extraArguments>` and returns once
     /// it accepts TCP connections. Do not pass --host or --port.
-    static func start(_ extraArguments: [String] = [], startupTimeout: Duration = .seconds(10)) throws -> RealServer {
+    static func start(_ extraArguments: [String] = [], startupTimeout: Duration = .seconds(30)) throws -> RealServer {
         try startMany(1, extraArguments, startupTimeout: startupTimeout)[0]
     }
 
     /// Starts `n` servers with the same arguments, in parallel (about one start-up time in all).
-    static func startMany(_ n: Int, _ extraArguments: [String] = [], startupTimeout: Duration = .seconds(10)) throws -> [RealServer] {
+    static func startMany(_ n: Int, _ extraArguments: [String] = [], startupTimeout: Duration = .seconds(30)) throws -> [RealServer] {
         try checkInstallation()
         for arg in extraArguments where arg == "--host" || arg == "--port" || arg.hasPrefix("--host=") || arg.hasPrefix("--port=") {
             throw RealServerError("RealServer.start: do not pass \(arg): RealServer always uses --host 127.0.0.1 and picks the port itself")
