@@ -861,3 +861,34 @@ enum TranscriptRequest {
         }
     }
 }
+
+/// The decoder reads common replies straight from the bytes and leaves the rest to the text
+/// path; both must agree on every reply line, for every command.
+@Suite("Reply decoder fast path")
+struct ReplyFastPathTests {
+    static let requests: [Request] = [
+        try! .acquire(key: "k", timeoutS: 5), try! .release(key: "k", token: "t"), try! .renew(key: "k", token: "t"),
+        try! .enqueue(key: "k"), try! .wait(key: "k", timeoutS: 5),
+        try! .semaphoreAcquire(key: "k", limit: 2, timeoutS: 5), try! .semaphoreRelease(key: "k", token: "t"),
+        try! .semaphoreRenew(key: "k", token: "t"), try! .semaphoreEnqueue(key: "k", limit: 2),
+        try! .semaphoreWait(key: "k", timeoutS: 5), try! .auth(secret: "s"), .stats, .ping,
+    ]
+
+    static let lines: [[UInt8]] = Transcripts.all.filter { !$0.isRequest }.map(\.bytes) + [
+        "ok", "ok 32", "ok  32", " ok", "ok ", "ok +5", "ok 0033", "ok 99999999999999999999",
+        "ok 4c6af3c93c83e0aa6ca56449a1d1c83f 33", "ok 4c6af3c93c83e0aa6ca56449a1d1c83f 33 fence=7",
+        "ok 4c6af3c9\u{1}3c83 33", "ok tok\tx 33", "acquired tok 33", "acquired tok", "queued", "queued x",
+        "timeout", "timeout 3", "ok " + String(repeating: "t", count: 255) + " 5",
+        "ok " + String(repeating: "t", count: 256) + " 5", "ok clé 5", "error", "error_max_locks",
+    ].map { Array($0.utf8) }
+
+    @Test func bytesAndTextAgreeOnEveryLineForEveryCommand() {
+        for request in Self.requests {
+            for line in Self.lines {
+                let fromBytes = line.withUnsafeBytes { ReplyDecoder.decode($0, for: request) }
+                let fromText = ReplyDecoder.decode(String(decoding: line, as: UTF8.self), for: request)
+                #expect(fromBytes == fromText, "\(String(decoding: line, as: UTF8.self).debugDescription) to \(request.command)")
+            }
+        }
+    }
+}

@@ -1,3 +1,5 @@
+import Glibc
+
 /// A grant of a lock or of a semaphore slot: the token that proves it and its lease.
 public struct Grant: Sendable, Hashable {
     /// The token the server issued; present it to release or renew.
@@ -35,6 +37,9 @@ enum Reply: Sendable, Equatable {
 enum ReplyDecoder {
     /// Decodes `line` (without its line break) as the answer to `request`.
     static func decode(_ line: UnsafeRawBufferPointer, for request: Request) -> Result<Reply, LockError> {
+        if let reply = decodeCommonSuccess(line, for: request) {
+            return .success(reply)
+        }
         guard let text = utf8String(line) else {
             return .failure(.protocolViolation("a reply to '\(request.command.rawValue)' that is not valid UTF-8"))
         }
@@ -122,6 +127,71 @@ enum ReplyDecoder {
     private static func unexpected(_ line: String, for request: Request, because reason: String? = nil) -> LockError {
         let shown = line.count > 80 ? "\(line.prefix(80))…" : line
         return .protocolViolation("unexpected reply \(shown.debugDescription) to '\(request.command.rawValue)'" + (reason.map { ": \($0)" } ?? ""))
+    }
+
+    /// The replies of every lock round trip (`ok <token> <lease>`, `ok`, `ok <n>`, `queued`,
+    /// `timeout`, `acquired …`) read straight from the bytes, making no string but the token.
+    /// Anything else, or anything unusual (non-ASCII, doubled spaces, extra fields), returns nil
+    /// and goes through ``decode(_:for:)-(String,_)``, which stays the one definition of
+    /// what a reply means.
+    private static func decodeCommonSuccess(_ line: UnsafeRawBufferPointer, for request: Request) -> Reply? {
+        var fields: [Range<Int>] = []
+        fields.reserveCapacity(3)
+        var start = 0
+        for (index, byte) in line.enumerated() {
+            guard byte < 0x80 else { return nil }
+            if byte == 0x20 {
+                guard index > start, fields.count < 2 else { return nil }
+                fields.append(start..<index)
+                start = index + 1
+            }
+        }
+        guard start < line.count else { return nil }
+        fields.append(start..<line.count)
+
+        func field(_ index: Int, is literal: StaticString) -> Bool {
+            let range = fields[index]
+            guard range.count == literal.utf8CodeUnitCount else { return false }
+            return memcmp(line.baseAddress! + range.lowerBound, literal.utf8Start, range.count) == 0
+        }
+        func number(_ index: Int) -> Int? {
+            let range = fields[index]
+            guard range.count <= 18 else { return nil }
+            var value = 0
+            for byte in line[range] {
+                guard (0x30...0x39).contains(byte) else { return nil }
+                value = value * 10 + Int(byte - 0x30)
+            }
+            return value
+        }
+
+        switch (fields.count, request.command) {
+        case (1, .release), (1, .semaphoreRelease), (1, .auth), (1, .ping):
+            return field(0, is: "ok") ? .ok : nil
+        case (1, .acquire), (1, .wait), (1, .semaphoreAcquire), (1, .semaphoreWait):
+            return field(0, is: "timeout") ? .timeout : nil
+        case (1, .enqueue), (1, .semaphoreEnqueue):
+            return field(0, is: "queued") ? .queued : nil
+        case (2, .renew), (2, .semaphoreRenew):
+            guard field(0, is: "ok"), let seconds = number(1) else { return nil }
+            return .renewed(remainingS: seconds)
+        case (3, .acquire), (3, .wait), (3, .semaphoreAcquire), (3, .semaphoreWait):
+            guard field(0, is: "ok") else { return nil }
+            return grant(line, token: fields[1], lease: number(2))
+        case (3, .enqueue), (3, .semaphoreEnqueue):
+            guard field(0, is: "acquired") else { return nil }
+            return grant(line, token: fields[1], lease: number(2))
+        default:
+            return nil
+        }
+    }
+
+    private static func grant(_ line: UnsafeRawBufferPointer, token range: Range<Int>, lease: Int?) -> Reply? {
+        // ASCII without spaces; over-long or control-character tokens take the slow path, which
+        // rejects them with a reason.
+        guard let lease, range.count <= Validation.maximumLineBytes,
+              !line[range].contains(where: { $0 < 0x21 || $0 == 0x7F }) else { return nil }
+        return .granted(Grant(token: String(decoding: UnsafeRawBufferPointer(rebasing: line[range]), as: UTF8.self), leaseS: lease))
     }
 
     private static func utf8String(_ bytes: UnsafeRawBufferPointer) -> String? {
