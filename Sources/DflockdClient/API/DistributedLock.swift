@@ -28,8 +28,10 @@ public final class DistributedLock: DistributedLease, @unchecked Sendable {
     ///   - renewRatio: Renew when this fraction of the lease has passed (0 < ratio < 1).
     ///   - tls: TLS options; `TLSOptions()` verifies against the system CAs.
     ///   - auth: The server's `--auth-token`, sent first on every connection.
-    ///   - onLockLost: Called with `(key, token)` on the loop thread when a held lock is lost
-    ///     (a renewal failed or the connection ended); the connection is closed by then.
+    ///   - onLockLost: Called with `(key, token)` on the loop thread when a held lock is lost:
+    ///     a renewal was refused, the connection ended or sent something unasked for, or no
+    ///     renewal was answered before the local lease deadline (see
+    ///     ``DistributedLease/leaseRemaining``). The connection is closed by then.
     ///   - connectTimeoutMs: Limit on connecting; `nil` waits as long as TCP does.
     ///   - socketTimeoutMs: Close the connection when no byte arrives for this long while a
     ///     reply is awaited (a blocking acquire or wait adds its own timeout).
