@@ -32,8 +32,10 @@ public final class DistributedLock: DistributedLease, @unchecked Sendable {
     ///   - tls: TLS options; `TLSOptions()` verifies against the system CAs. The files they
     ///     name are read here, once per distinct options in the process.
     ///   - auth: The server's `--auth-token`, sent first on every connection.
-    ///   - onLockLost: Called with `(key, token)` on the loop thread when a held lock is lost
-    ///     (a renewal failed or the connection ended); the connection is closed by then.
+    ///   - onLockLost: Called with `(key, token)` on the loop thread when a held lock is lost:
+    ///     a renewal was refused, the connection ended or sent something unasked for, or no
+    ///     renewal was answered before the local lease deadline (see
+    ///     ``DistributedLease/leaseRemaining``). The connection is closed by then.
     ///   - connectTimeoutMs: Limit on connecting (TCP and, with `tls`, the handshake); `nil`
     ///     waits as long as TCP does.
     ///   - socketTimeoutMs: Close the connection when no byte arrives for this long while a
