@@ -237,36 +237,13 @@ struct ExampleRun: CustomStringConvertible {
             .appendingPathComponent("dflockd-example-\(name)-\(getpid())-\(UUID().uuidString.prefix(8)).out").path
         defer { unlink(outputPath) }
 
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, outputPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-
-        // Default signal handling and an empty mask, whatever the test runner set up.
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        var noSignals = sigset_t()
-        sigemptyset(&noSignals)
-        posix_spawnattr_setsigmask(&attributes, &noSignals)
-        var defaults = sigset_t()
-        sigemptyset(&defaults)
-        for signal: Int32 in 1..<32 where signal != SIGKILL && signal != SIGSTOP { sigaddset(&defaults, signal) }
-        posix_spawnattr_setsigdefault(&attributes, &defaults)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-
-        let argv = [binary] + arguments
-        let envp = ProcessInfo.processInfo.environment.map { "\($0.key)=\($0.value)" }
-        var pid: pid_t = 0
         let started = ContinuousClock.now
-        let rc = withCStrings(argv) { argvp in
-            withCStrings(envp) { envpp in posix_spawn(&pid, binary, &actions, &attributes, argvp, envpp) }
+        let spawned = Spawn.start(binary, argv: [binary] + arguments) { actions in
+            posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+            posix_spawn_file_actions_addopen(&actions, 1, outputPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+            posix_spawn_file_actions_adddup2(&actions, 1, 2)
         }
-        guard rc == 0 else {
-            throw TestSupportError("posix_spawn \(binary) failed: \(SupportSocket.errnoDescription(rc))")
-        }
+        let pid = try spawned.mapError { TestSupportError("\($0)") }.get()
 
         // Poll without blocking a thread of the cooperative pool.
         var status: Int32 = 0
@@ -299,11 +276,6 @@ struct ExampleRun: CustomStringConvertible {
         return run
     }
 
-    private static func withCStrings<R>(_ strings: [String], _ body: (UnsafePointer<UnsafeMutablePointer<CChar>?>) -> R) -> R {
-        let pointers: [UnsafeMutablePointer<CChar>?] = strings.map { strdup($0) } + [nil]
-        defer { pointers.forEach { free($0) } }
-        return pointers.withUnsafeBufferPointer { body($0.baseAddress!) }
-    }
 }
 
 /// Where the example binaries were built.

@@ -255,40 +255,21 @@ final class RealServer: @unchecked Sendable {
             _ = fcntl(pipeFDs[1], F_SETFD, FD_CLOEXEC)
             defer { SupportSocket.closeFD(pipeFDs[0]) }
 
-            var actions = posix_spawn_file_actions_t()
-            posix_spawn_file_actions_init(&actions)
-            defer { posix_spawn_file_actions_destroy(&actions) }
-            posix_spawn_file_actions_adddup2(&actions, pipeFDs[0], 0)
-            posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o644)
-            posix_spawn_file_actions_adddup2(&actions, 1, 2)
-            Self.addCloseFrom(&actions, 3)
-
-            var attributes = posix_spawnattr_t()
-            posix_spawnattr_init(&attributes)
-            defer { posix_spawnattr_destroy(&attributes) }
-            var noSignals = sigset_t()
-            sigemptyset(&noSignals)
-            posix_spawnattr_setsigmask(&attributes, &noSignals)
-            var defaults = sigset_t()
-            sigemptyset(&defaults)
-            for sig: Int32 in 1..<32 where sig != SIGKILL && sig != SIGSTOP { sigaddset(&defaults, sig) }
-            posix_spawnattr_setsigdefault(&attributes, &defaults)
-            posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-
             let argv = [Self.pythonPath, "-c", Self.launcher] + commandLine
             var environment = ProcessInfo.processInfo.environment.filter { !Self.isServerOverride($0.key) }
             environment["PYTHONUNBUFFERED"] = "1"
-            let envp = environment.map { "\($0.key)=\($0.value)" }
-
-            var pid: pid_t = 0
-            let rc = Self.withCStringArray(argv) { argvp in
-                Self.withCStringArray(envp) { envpp in
-                    posix_spawn(&pid, Self.pythonPath, &actions, &attributes, argvp, envpp)
-                }
+            let spawned = Spawn.start(Self.pythonPath, argv: argv, environment: environment) { actions in
+                posix_spawn_file_actions_adddup2(&actions, pipeFDs[0], 0)
+                posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o644)
+                posix_spawn_file_actions_adddup2(&actions, 1, 2)
+                Self.addCloseFrom(&actions, 3)
             }
-            guard rc == 0 else {
+            let pid: pid_t
+            switch spawned {
+            case .success(let spawnedPID): pid = spawnedPID
+            case .failure(let error):
                 SupportSocket.closeFD(pipeFDs[1])
-                throw RealServerError("RealServer: posix_spawn \(Self.pythonPath) failed: \(SupportSocket.errnoDescription(rc))")
+                throw RealServerError("RealServer: \(error)")
             }
             child = Child(pid: pid, watchdogFD: pipeFDs[1])
             return logOffset
@@ -426,11 +407,6 @@ final class RealServer: @unchecked Sendable {
         #endif
     }
 
-    private static func withCStringArray<R>(_ strings: [String], _ body: (UnsafePointer<UnsafeMutablePointer<CChar>?>) -> R) -> R {
-        let pointers: [UnsafeMutablePointer<CChar>?] = strings.map { strdup($0) } + [nil]
-        defer { pointers.forEach { free($0) } }
-        return pointers.withUnsafeBufferPointer { body($0.baseAddress!) }
-    }
 }
 
 /// kill(2), named so it does not clash with `RealServer.kill()`.
