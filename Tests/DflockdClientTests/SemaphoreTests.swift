@@ -189,3 +189,41 @@ struct StatsTests {
         }
     }
 }
+
+/// `ping` keep-alives for 2.x servers, replayed by a scripted peer.
+@Suite(.timeLimit(.minutes(1)))
+struct KeepAliveTests {
+    @Test func anIdleConnectionPingsEveryKeepAliveInterval() async throws {
+        let peer = try ScriptedPeer(script: """
+            A > b'l\\nk\\n5\\n'
+            A < ok 0123456789abcdef0123456789abcdef 33
+            A > b'ping\\n_\\n\\n'
+            A < ok
+            A > b'ping\\n_\\n\\n'
+            A < ok
+            """)
+        let connection = try Connection(port: peer.port, keepAliveMs: 100)
+        defer { connection.close() }
+        #expect(try await connection.acquire(key: "k", timeoutS: 5) != nil)
+        // The script ends once two pings have arrived, unprompted, and been answered.
+        try await peer.finish()
+    }
+
+    @Test func noPingWithoutKeepAlive() async throws {
+        let peer = try ScriptedPeer(script: """
+            A > b'l\\nk\\n5\\n'
+            A < ok 0123456789abcdef0123456789abcdef 33
+            A . nothing more for the quiet window
+            """, quietWindow: .milliseconds(500))
+        let connection = try Connection(port: peer.port)
+        defer { connection.close() }
+        #expect(try await connection.acquire(key: "k", timeoutS: 5) != nil)
+        try await peer.finish()
+    }
+
+    @Test func keepAliveMustBePositive() {
+        #expect(throws: LockError.invalidArgument(name: "keepAliveMs", reason: "must be at least 1 millisecond (nil means no limit), got 0")) {
+            try Connection(keepAliveMs: 0)
+        }
+    }
+}

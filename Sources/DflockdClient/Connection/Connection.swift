@@ -38,6 +38,7 @@ public final class Connection: @unchecked Sendable {
     private var unsent: [UInt8] = []
     private var connectWaiters: [(Result<Void, LockError>) -> Void] = []
     private var replyTimer: LoopTimer?
+    private var keepAliveTimer: LoopTimer?
     /// Keeps the connection alive while replies are owed, so every completion handler runs even
     /// if the caller dropped its reference.
     private var selfWhileBusy: Connection?
@@ -56,6 +57,8 @@ public final class Connection: @unchecked Sendable {
         /// The shared OpenSSL context for `tls`, looked up when the options were validated, so
         /// that connecting never waits on the context cache's lock on the loop thread.
         var tlsContext: TLSContext? = nil
+        /// Send `ping` after this long without a request (dflockd 2.x).
+        var keepAliveMs: Int? = nil
     }
 
     private enum Phase {
@@ -81,6 +84,10 @@ public final class Connection: @unchecked Sendable {
     ///     handshake); `nil` waits as long as TCP does.
     ///   - socketTimeoutMs: Close the connection when no byte arrives for this long while a
     ///     reply is owed (a blocking acquire or wait adds its own timeout to the allowance).
+    ///   - keepAliveMs: Send `ping` whenever the connection has been idle (no request
+    ///     outstanding) this long, so that a server's `--read-timeout` does not close it, and
+    ///     the session with it. Only dflockd 2.x answers `ping`: older servers answer `error`,
+    ///     which ends the connection, so leave it `nil` (the default) for them.
     ///   - loop: The loop to run on.
     /// - Throws: ``LockError/invalidArgument(name:reason:)`` for a bad port, secret or timeout,
     ///   or a TLS file that cannot be used (named as `tls.caFile`, `tls.certificateFile`, …).
@@ -90,6 +97,7 @@ public final class Connection: @unchecked Sendable {
                 auth: String? = nil,
                 connectTimeoutMs: Int? = nil,
                 socketTimeoutMs: Int? = nil,
+                keepAliveMs: Int? = nil,
                 loop: EventLoop = .shared) throws(LockError) {
         try Self.validate(host: host, port: port)
         if let auth { try Validation.secret(auth) }
@@ -98,9 +106,10 @@ public final class Connection: @unchecked Sendable {
         let tlsContext = try tls.map { options throws(LockError) in try TLSContext.shared(for: options) }
         try Self.validate(milliseconds: connectTimeoutMs, name: "connectTimeoutMs")
         try Self.validate(milliseconds: socketTimeoutMs, name: "socketTimeoutMs")
+        try Self.validate(milliseconds: keepAliveMs, name: "keepAliveMs")
         self.init(endpoint: Endpoint(host: host, port: port),
                   configuration: Configuration(tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs,
-                                               tlsContext: tlsContext),
+                                               tlsContext: tlsContext, keepAliveMs: keepAliveMs),
                   loop: loop)
     }
 
@@ -113,10 +122,10 @@ public final class Connection: @unchecked Sendable {
 
     deinit {
         let identifier = ObjectIdentifier(self)
-        let (loop, timer, transport) = (self.loop, replyTimer, self.transport)
+        let (loop, timers, transport) = (self.loop, [replyTimer, keepAliveTimer], self.transport)
         loop.runOnLoop {
             loop.unregister(identifier)
-            timer?.close()
+            timers.forEach { $0?.close() }
             transport?.close()
         }
     }
@@ -177,6 +186,7 @@ public final class Connection: @unchecked Sendable {
         if outstanding.count == 1 {
             selfWhileBusy = self
             armReplyTimer()
+            keepAliveTimer?.cancel()
         }
         if case .open = phase {
             write(request)
@@ -273,7 +283,10 @@ public final class Connection: @unchecked Sendable {
             end(with: .protocolViolation("a reply with no request outstanding: \(text.debugDescription)"), notifyDelegate: true)
             return
         }
-        if outstanding.isEmpty { selfWhileBusy = nil }
+        if outstanding.isEmpty {
+            selfWhileBusy = nil
+            armKeepAlive()
+        }
         armReplyTimer()
         let result = ReplyDecoder.decode(line, for: next.request)
         if case .failure(let error) = result, !ReplyDecoder.isRecoverable(error) {
@@ -284,6 +297,18 @@ public final class Connection: @unchecked Sendable {
             return
         }
         next.completion(result)
+    }
+
+    /// Schedules a `ping` for when the connection will have been idle `keepAliveMs`.
+    private func armKeepAlive() {
+        guard let milliseconds = configuration.keepAliveMs, case .open = phase, outstanding.isEmpty else { return }
+        let timer = keepAliveTimer ?? LoopTimer(loop: loop) { [weak self] in
+            guard let self, case .open = phase, outstanding.isEmpty else { return }
+            // An answer other than `ok` ends the connection like any malformed reply.
+            send(.ping) { _ in }
+        }
+        keepAliveTimer = timer
+        timer.schedule(afterMilliseconds: milliseconds)
     }
 
     private func armReplyTimer() {
@@ -313,6 +338,8 @@ public final class Connection: @unchecked Sendable {
         transport = nil
         replyTimer?.close()
         replyTimer = nil
+        keepAliveTimer?.close()
+        keepAliveTimer = nil
         unsent = []
         let failed = outstanding
         outstanding.removeAll()
@@ -351,6 +378,7 @@ extension Connection: TransportDelegate {
         guard case .connecting = phase else { return }
         phase = .open
         armReplyTimer()
+        armKeepAlive()
         if !unsent.isEmpty {
             let bytes = unsent
             unsent = []
@@ -377,14 +405,15 @@ extension Connection: TransportDelegate {
 // show everything but that.
 extension Connection.Configuration: CustomStringConvertible, CustomDebugStringConvertible, CustomReflectable {
     var description: String {
-        "Configuration(tls: \(tls.map { "\($0)" } ?? "nil"), auth: \(auth == nil ? "nil" : "<redacted>"), connectTimeoutMs: \(connectTimeoutMs.map(String.init) ?? "nil"), socketTimeoutMs: \(socketTimeoutMs.map(String.init) ?? "nil"))"
+        "Configuration(tls: \(tls.map { "\($0)" } ?? "nil"), auth: \(auth == nil ? "nil" : "<redacted>"), connectTimeoutMs: \(connectTimeoutMs.map(String.init) ?? "nil"), socketTimeoutMs: \(socketTimeoutMs.map(String.init) ?? "nil"), keepAliveMs: \(keepAliveMs.map(String.init) ?? "nil"))"
     }
 
     var debugDescription: String { description }
 
     var customMirror: Mirror {
         Mirror(self, children: ["tls": tls as Any, "auth": (auth == nil ? nil : "<redacted>") as String? as Any,
-                                "connectTimeoutMs": connectTimeoutMs as Any, "socketTimeoutMs": socketTimeoutMs as Any],
+                                "connectTimeoutMs": connectTimeoutMs as Any, "socketTimeoutMs": socketTimeoutMs as Any,
+                                "keepAliveMs": keepAliveMs as Any],
                displayStyle: .struct)
     }
 }
