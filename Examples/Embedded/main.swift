@@ -37,7 +37,9 @@ lock.acquire { result in
         print("tick \(ticker.ticks): state \(lock.state), lease \(lock.lease) s")
         guard ticker.ticks == 3 else { return }
         uv_timer_stop(ticker.handle)
-        uv_close(UnsafeMutableRawPointer(ticker.handle).assumingMemoryBound(to: uv_handle_t.self), nil)
+        uv_close(UnsafeMutableRawPointer(ticker.handle).assumingMemoryBound(to: uv_handle_t.self)) { handle in
+            UnsafeMutableRawPointer(handle)?.deallocate()   // libuv is done with the memory now
+        }
         lock.release { result in
             print("released: \(result)")
             loop.shutdown()
@@ -48,4 +50,5 @@ lock.acquire { result in
 // Runs until the lock's connection and timers and the program's ticker are all closed.
 uv_run(rawLoop, UV_RUN_DEFAULT)
 uv_loop_close(rawLoop)
+rawLoop.deallocate()
 print("loop finished")
