@@ -63,10 +63,10 @@ fuzz:
 
 # Leak detection stays on; only XCTest's own runner objects are suppressed (see the file).
 test-asan: setup
-	LSAN_OPTIONS=suppressions=$(CURDIR)/Tests/Sanitizers/lsan.supp $(SWIFT) test --sanitize=address --scratch-path .build-asan
+	LSAN_OPTIONS=suppressions=$(CURDIR)/Tests/Sanitizers/lsan.supp $(SWIFT) test --no-parallel --sanitize=address --scratch-path .build-asan
 
 test-tsan: setup
-	$(SWIFT) test --sanitize=thread --scratch-path .build-tsan
+	$(SWIFT) test --no-parallel --sanitize=thread --scratch-path .build-tsan
 
 demo: setup
 	$(SWIFT) build --product Demo

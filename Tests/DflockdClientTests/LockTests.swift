@@ -297,8 +297,15 @@ final class Recorder<Element: Sendable>: Sendable {
 }
 
 /// Polls a condition that has no event to await (a state reached on the loop thread).
-func waitUntil(_ condition: @Sendable () -> Bool) async {
+/// Gives up, recording an issue, after `timeout` or when the test is cancelled (its time limit),
+/// so that a condition that never comes fails the test instead of spinning forever.
+func waitUntil(timeout: Duration = .seconds(30), sourceLocation: SourceLocation = #_sourceLocation,
+               _ condition: @Sendable () -> Bool) async {
+    let deadline = ContinuousClock.now + timeout
     while !condition() {
-        try? await Task.sleep(for: .milliseconds(5))
+        guard ContinuousClock.now < deadline, (try? await Task.sleep(for: .milliseconds(5))) != nil else {
+            Issue.record("the awaited condition did not hold within \(timeout)", sourceLocation: sourceLocation)
+            return
+        }
     }
 }
