@@ -1,5 +1,5 @@
 /// How to secure a connection with TLS. `TLSOptions()` verifies the server against the system
-/// CA store and checks its host name (the seed's `tls: {}`).
+/// CA store and checks its host name (the TypeScript client's `tls: {}`).
 ///
 /// TLS 1.2 is the minimum; renegotiation is refused. The host name checked is `serverName`, or
 /// else the host connected to: a DNS name is also sent as SNI and must match a DNS name in the
