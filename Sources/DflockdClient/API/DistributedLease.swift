@@ -1,5 +1,4 @@
 import CUV
-import Synchronization
 
 /// The machinery ``DistributedLock`` and ``DistributedSemaphore`` share: one session with the
 /// key's server, driven by a state machine (`LeaseMachine`) on the event loop, with lease
@@ -36,7 +35,7 @@ public class DistributedLease: @unchecked Sendable {
     /// Completions and callbacks produced by the current step, run once it is published.
     private var deliveries: [() -> Void] = []
 
-    private let published: Mutex<Published>
+    private let published: ThreadLock<Published>
 
     private struct Published {
         var state = LockState.idle
@@ -56,7 +55,7 @@ public class DistributedLease: @unchecked Sendable {
         self.loop = loop
         self.machine = LeaseMachine(key: settings.key, acquireTimeoutS: settings.acquireTimeoutS,
                                     renewRatio: settings.renewRatio, maxIdleMs: settings.maxIdleMs)
-        self.published = Mutex(Published(lease: settings.leaseTtlS ?? 0))
+        self.published = ThreadLock(Published(lease: settings.leaseTtlS ?? 0))
     }
 
     deinit {
@@ -353,7 +352,7 @@ public class DistributedLease: @unchecked Sendable {
     /// session (the operation fails with ``LockError/cancelled``); a task cancelled before the
     /// operation reached the loop never starts it.
     private func bridge<Value: Sendable>(_ start: @escaping (@escaping (Result<Value, LockError>) -> Void) -> Void) async throws -> Value {
-        let cancelled = Mutex(false)
+        let cancelled = ThreadLock(false)
         return try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Value, any Error>) in
                 let resume: (Result<Value, LockError>) -> Void = { continuation.resume(with: $0.mapError { $0 as any Error }) }

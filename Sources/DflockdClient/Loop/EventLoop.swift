@@ -1,6 +1,5 @@
 import CUV
 import Glibc
-import Synchronization
 
 /// A single-threaded libuv event loop that every lock, semaphore and connection runs on.
 ///
@@ -41,7 +40,7 @@ public final class EventLoop: @unchecked Sendable {
     private let ownsLoop: Bool
     private let loopThread: pthread_t
     private let wakeup: UnsafeMutablePointer<uv_async_t>
-    private let inbox = Mutex<Inbox>(Inbox())
+    private let inbox = ThreadLock(Inbox())
 
     /// Resources that must be closed when the loop shuts down. Loop thread only. Held weakly:
     /// a connection its owner dropped must still be free to go away.

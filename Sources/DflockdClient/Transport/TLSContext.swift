@@ -1,6 +1,5 @@
 import COpenSSL
 import Glibc
-import Synchronization
 
 /// One OpenSSL `SSL_CTX` built from a set of ``TLSOptions``, shared by every TLS connection that
 /// uses those options.
@@ -18,7 +17,7 @@ final class TLSContext: @unchecked Sendable {
     /// Whether connections verify the server's certificate and name.
     let verifiesPeer: Bool
 
-    private static let cache = Mutex<[TLSOptions: TLSContext]>([:])
+    private static let cache = ThreadLock<[TLSOptions: TLSContext]>([:])
 
     /// The shared context for `options`, built on first use.
     ///
