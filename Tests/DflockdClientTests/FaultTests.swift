@@ -8,7 +8,6 @@
 // and their timers share.
 
 import Foundation
-import Synchronization
 import Testing
 @testable import DflockdClient
 
@@ -522,7 +521,7 @@ struct MutualExclusionTests {
             var injections: [Injection] = []
         }
 
-        let state = Mutex(State())
+        let state = ThreadLock(State())
 
         func read() -> Int { state.withLock { $0.counter } }
 
@@ -568,7 +567,7 @@ struct MutualExclusionTests {
     final class Injector: Sendable {
         let server: RealServer
         let proxy: BlackHoleProxy
-        let restarts = Mutex<[Task<Void, any Error>]>([])
+        let restarts = ThreadLock<[Task<Void, any Error>]>([])
 
         init(server: RealServer, proxy: BlackHoleProxy) {
             self.server = server
