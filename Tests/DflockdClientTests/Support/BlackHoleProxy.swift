@@ -28,7 +28,7 @@
 // more crosses). Loopback only.
 
 import Foundation
-import Synchronization
+@testable import DflockdClient
 
 #if canImport(Glibc)
 import Glibc
@@ -129,7 +129,7 @@ final class BlackHoleProxy: Sendable {
 
     /// What the thread needs; it outlives the proxy object until the thread has ended.
     fileprivate final class Core: Sendable {
-        let shared = Mutex(Shared())
+        let shared = ThreadLock(Shared())   // a pthread mutex, which ThreadSanitizer can see
         let port: Int
         let targetPort: Int
         let listenFD: Int32
