@@ -1,5 +1,4 @@
 import Foundation
-import Synchronization
 import Testing
 @testable import DflockdClient
 
@@ -31,8 +30,8 @@ struct AuthTests {
     /// Collects every error a test produced, and every text form of its objects, for the
     /// secret check.
     final class Evidence: Sendable {
-        private let texts = Mutex<[String]>([])
-        private let errors = Mutex<[LockError]>([])
+        private let texts = ThreadLock<[String]>([])
+        private let errors = ThreadLock<[LockError]>([])
 
         func record(_ error: LockError) {
             errors.withLock { $0.append(error) }

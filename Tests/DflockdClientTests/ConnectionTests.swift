@@ -3,7 +3,6 @@
 // (auth, Go statuses) or where a misbehaving server is needed.
 import CUV
 import Foundation
-import Synchronization
 import Testing
 @testable import DflockdClient
 
@@ -19,7 +18,7 @@ final class OneShot<Value: Sendable>: Sendable {
         var value: Value?
         var waiters: [CheckedContinuation<Value?, Never>] = []
     }
-    private let state = Mutex(State())
+    private let state = ThreadLock(State())
 
     init() {}
 

@@ -1,4 +1,3 @@
-import Synchronization
 import Testing
 @testable import DflockdClient
 
@@ -291,7 +290,7 @@ extension EventLoop {
 
 /// Collects values from any thread.
 final class Recorder<Element: Sendable>: Sendable {
-    private let storage = Mutex<[Element]>([])
+    private let storage = ThreadLock<[Element]>([])
     func append(_ element: Element) { storage.withLock { $0.append(element) } }
     var items: [Element] { storage.withLock { $0 } }
 }

@@ -1,6 +1,5 @@
 import CUV
 import Foundation
-import Synchronization
 import Testing
 @testable import DflockdClient
 
@@ -487,7 +486,7 @@ enum FileDescriptors {
 
 /// The suite's shared dflockd and stunnel, started on first use and stopped at exit.
 enum SharedTLSBackend {
-    private static let started = Mutex<(RealServer, Stunnel)?>(nil)
+    private static let started = ThreadLock<(RealServer, Stunnel)?>(nil)
 
     static func get() throws -> (TestPKI, RealServer, Stunnel) {
         let pki = try TLSFixture.pki()

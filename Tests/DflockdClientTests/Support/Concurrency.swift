@@ -10,8 +10,8 @@
 // a test that blocks one of them (waitpid, poll, a blocking connect) stalls every other test's
 // continuations and timers for that long.
 
+@testable import DflockdClient
 import Foundation
-import Synchronization
 
 /// Runs blocking work on a thread of its own, off the cooperative pool.
 func offThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
@@ -46,7 +46,7 @@ final class EventLog<Element: Sendable>: Sendable {
         var nextID = 0
     }
 
-    private let state = Mutex(State())
+    private let state = ThreadLock(State())
 
     func append(_ value: Element) {
         let ready = state.withLock { s -> [CheckedContinuation<Bool, Never>] in

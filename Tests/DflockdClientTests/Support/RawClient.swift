@@ -11,6 +11,7 @@
 // another thread while a read is blocked: the read ends with RawClientError.closedLocally.
 // Nothing is validated: a RawClient sends whatever it is given (handy for malformed input).
 
+@testable import DflockdClient
 import Foundation
 import Synchronization
 
@@ -48,7 +49,7 @@ final class RawClient: @unchecked Sendable {
     private let fd: Int32
     private let isClosed = Atomic<Bool>(false)
     /// Serialises socket I/O and guards the bytes received past the last returned line.
-    private let io = Mutex<[UInt8]>([])
+    private let io = ThreadLock<[UInt8]>([])
 
     /// Connects to 127.0.0.1:port.
     init(port: Int) throws {

@@ -21,8 +21,8 @@
 // without the DFLOCKD_* / MAX_LOCKS / ... variables: dflockd 0.5.0 lets any of them
 // silently override the corresponding command-line flag (including --host and --port).
 
+@testable import DflockdClient
 import Foundation
-import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -55,7 +55,7 @@ final class RealServer: @unchecked Sendable {
     }
 
     /// nil while not running. All process operations happen under this lock.
-    private let child = Mutex<Child?>(nil)
+    private let child = ThreadLock<Child?>(nil)
 
     /// The server's process id, nil when it is not running (after stop/kill).
     var pid: pid_t? { child.withLock { $0?.pid } }
@@ -194,7 +194,7 @@ final class RealServer: @unchecked Sendable {
 
     // MARK: - internals
 
-    private static let allocatedPorts = Mutex<Set<Int>>([])
+    private static let allocatedPorts = ThreadLock<Set<Int>>([])
 
     /// A free port not handed out before in this process (parallel tests never race for one).
     private static func allocatePort() throws -> Int {

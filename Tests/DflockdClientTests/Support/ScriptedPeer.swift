@@ -38,9 +38,9 @@
 // connections stay open until `stop()`/deinit; `finish` then also fails if a client sent
 // bytes the script does not account for (best effort: bytes that already arrived).
 
+@testable import DflockdClient
 import Dispatch
 import Foundation
-import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -237,7 +237,7 @@ private final class PeerEngine: @unchecked Sendable {
         var listenerOpen = true
     }
 
-    private let shared = Mutex(Shared())
+    private let shared = ThreadLock(Shared())
 
     init(steps: [ScriptStep], origin: String, quietWindow: Duration) throws {
         self.steps = steps

@@ -26,8 +26,8 @@
 // it, stunnel does not linger. Failures throw with what to do (`make setup` installs stunnel4
 // and openssl) and the log: tests fail loudly instead of skipping.
 
+@testable import DflockdClient
 import Foundation
-import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -55,7 +55,7 @@ struct TestPKI: Sendable {
 }
 
 enum TLSFixture {
-    private static let made = Mutex<TestPKI?>(nil)
+    private static let made = ThreadLock<TestPKI?>(nil)
 
     /// The test PKI, generated on first use (about 0.2 s) in a temp directory that lives as long
     /// as the test process (removed at exit).
@@ -183,12 +183,12 @@ final class Stunnel: @unchecked Sendable {
         var watchdogFD: Int32
     }
 
-    private let child = Mutex<Child?>(nil)
+    private let child = ThreadLock<Child?>(nil)
 
     /// The stunnel process id, nil once stopped.
     var pid: pid_t? { child.withLock { $0?.pid } }
 
-    private static let allocatedPorts = Mutex<Set<Int>>([])
+    private static let allocatedPorts = ThreadLock<Set<Int>>([])
 
     /// Starts stunnel and returns once its port accepts TCP connections (and is stunnel's).
     static func start(backendPort: Int, certificate: Certificate = .trusted, requireClientCertificate: Bool = false,
