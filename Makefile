@@ -10,8 +10,9 @@
 #   make example NAME=Quickstart   setup, then run one example against a throwaway dflockd
 #   make examples                  setup, then run every example, each with its own dflockd
 #   make docs    DocC documentation of the library; any documentation warning fails it
-#   make bench   release build of dflockd-bench, then it and the Python client (async API) on one
-#                real dflockd: one table of throughput, p50, p99, client CPU per op and ratios
+#   make bench   release build of dflockd-bench, then it (with and without a batching window),
+#                the Python client (async API) and the bare-epoll C floor on one real dflockd:
+#                one table of throughput, p50, p99, client CPU per op and ratios
 #   make bench-holders   dflockd-bench holding 15,000 locks for 60 s on one loop thread
 #   make clean   remove build products (.build, .build-fuzz, .build-asan, .build-tsan);
 #                `make distclean` also removes .venv
@@ -97,10 +98,11 @@ docs:
 
 bench-build:
 	$(SWIFT) build -c release --product dflockd-bench
+	$(CC) -O2 -Wall -o .build/dflockd-floor Benchmarks/floor/floor.c
 
 bench: setup bench-build
 	bash Tests/scripts/with-server --max-locks 100000 -- .venv/bin/python Benchmarks/compare.py \
-		--bench "$$($(SWIFT) build -c release --show-bin-path)/dflockd-bench" \
+		--bench "$$($(SWIFT) build -c release --show-bin-path)/dflockd-bench" --floor .build/dflockd-floor \
 		--workers $(BENCH_WORKERS) --rounds $(BENCH_ROUNDS) --lease $(BENCH_LEASE) --repeat $(BENCH_REPEAT)
 
 # One socket per held lock: the server and the client each need ulimit -n above BENCH_HOLDERS.

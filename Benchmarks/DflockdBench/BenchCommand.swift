@@ -52,6 +52,9 @@ struct BenchCommand: ParsableCommand {
     @Option(help: "Client API: 'callbacks' (completion handlers on the loop thread) or 'async' (async/await, one thread hop per call).")
     var api = ClientAPI.callbacks
 
+    @Option(help: "Event loop batching window in microseconds: after a turn that read from several connections, wait this long before polling again (EventLoop(batchingWindow:)); 0 = off.")
+    var batchingWindowUs = 0
+
     @Flag(help: "Write the result as JSON on standard output.")
     var json = false
 
@@ -75,6 +78,7 @@ struct BenchCommand: ParsableCommand {
         guard timeout >= 0 else { throw ValidationError("--timeout must be at least 0") }
         guard lease >= 0 else { throw ValidationError("--lease must be at least 0 (0: server default)") }
         guard connections >= 0 else { throw ValidationError("--connections must be at least 0") }
+        guard (0...10_000).contains(batchingWindowUs) else { throw ValidationError("--batching-window-us must be between 0 and 10000") }
         _ = try parsedServers()
         if pipeline && contended {
             throw ValidationError("--pipeline applies to uncontended keys only: a worker on a shared key cannot send its next acquire before the others had their turn")
@@ -95,7 +99,8 @@ struct BenchCommand: ParsableCommand {
         if let holders {
             let settings = HoldersBenchmark.Settings(holders: holders, holdSeconds: holdSeconds, leaseTtlS: lease > 0 ? lease : nil,
                                                      renewRatio: renewRatio, timeoutS: timeout, keyPrefix: key,
-                                                     servers: servers, concurrency: acquireConcurrency)
+                                                     servers: servers, concurrency: acquireConcurrency,
+                                                     batchingWindow: .microseconds(batchingWindowUs))
             let result = try HoldersBenchmark(settings: settings).run()
             writeAll(json ? result.json(settings).text : result.text(settings), to: 1)
             if !result.passed { throw ExitCode(1) }
@@ -103,7 +108,8 @@ struct BenchCommand: ParsableCommand {
             let settings = ThroughputBenchmark.Settings(workers: workers, rounds: rounds, keyPrefix: key, contended: contended,
                                                         pipeline: pipeline, api: api, timeoutS: timeout,
                                                         leaseTtlS: lease > 0 ? lease : nil, servers: servers,
-                                                        connectionsPerWorker: max(1, connections))
+                                                        connectionsPerWorker: max(1, connections),
+                                                        batchingWindow: .microseconds(batchingWindowUs))
             let result = try ThroughputBenchmark(settings: settings).run()
             writeAll(json ? result.json(settings).text : result.text(settings), to: 1)
         }

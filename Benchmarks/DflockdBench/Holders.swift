@@ -30,6 +30,7 @@ final class HoldersBenchmark: @unchecked Sendable {
         var keyPrefix: String
         var servers: [Server]
         var concurrency: Int
+        var batchingWindow: Duration
     }
 
     struct Result {
@@ -74,11 +75,12 @@ final class HoldersBenchmark: @unchecked Sendable {
     }
 
     let settings: Settings
-    private let loop = EventLoop()
+    private let loop: EventLoop
     private let lostKeys = LostKeys()
 
     init(settings: Settings) {
         self.settings = settings
+        loop = EventLoop(batchingWindow: settings.batchingWindow)
     }
 
     func run() throws -> Result {

@@ -6,6 +6,7 @@ extension ThroughputBenchmark.Result {
             bench: mode=lock, \(settings.workers) workers x \(settings.rounds) rounds \
             (key_prefix=\(settings.keyPrefix.debugDescription), conns/worker=\(settings.connectionsPerWorker)) \
             api=\(settings.api.rawValue) pipeline=\(settings.pipeline ? "on" : "off") \
+            batching_window=\(settings.batchingWindow.microseconds) us \
             keys=\(settings.contended ? "contended" : "uncontended") servers=\(settings.servers.map(\.description).joined(separator: ","))
 
               total ops : \(totalOps)
@@ -30,6 +31,7 @@ extension ThroughputBenchmark.Result {
         object.add("mode", "throughput")
         object.add("api", settings.api.rawValue)
         object.add("pipeline", settings.pipeline)
+        object.add("batching_window_us", Int(settings.batchingWindow.microseconds))
         object.add("contended", settings.contended)
         object.add("workers", settings.workers)
         object.add("rounds", settings.rounds)
@@ -123,5 +125,12 @@ extension HoldersBenchmark.Result {
         object.add("peak_rss_kib", peakRSSKiB)
         object.add("passed", passed)
         return object
+    }
+}
+
+extension Duration {
+    /// Whole microseconds, for reports.
+    var microseconds: Int64 {
+        components.seconds * 1_000_000 + components.attoseconds / 1_000_000_000_000
     }
 }

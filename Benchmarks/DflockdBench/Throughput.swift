@@ -20,6 +20,7 @@ final class ThroughputBenchmark: @unchecked Sendable {
         var leaseTtlS: Int?
         var servers: [Server]
         var connectionsPerWorker: Int
+        var batchingWindow: Duration
 
         var totalOps: Int { workers * rounds }
     }
@@ -35,7 +36,7 @@ final class ThroughputBenchmark: @unchecked Sendable {
     }
 
     let settings: Settings
-    private let loop = EventLoop()
+    private let loop: EventLoop
     private let done = DispatchSemaphore(value: 0)
     /// Ops finished so far, for the progress line.
     private let completedOps = Counter()
@@ -52,6 +53,7 @@ final class ThroughputBenchmark: @unchecked Sendable {
 
     init(settings: Settings) {
         self.settings = settings
+        loop = EventLoop(batchingWindow: settings.batchingWindow)
         // Nothing legitimate waits longer than the acquire timeout plus a generous I/O slack.
         recorder = LatencyRecorder(highestNs: UInt64(settings.timeoutS + 120) * 1_000_000_000)
     }

@@ -88,6 +88,13 @@ enum LoopProbe {
         }
     }
 
+    /// How often `loop` has waited out its batching window, read on the loop thread.
+    static func batchingWaits(_ loop: EventLoop) async -> Int {
+        await withCheckedContinuation { (c: CheckedContinuation<Int, Never>) in
+            loop.execute { c.resume(returning: loop.batchingWaits) }
+        }
+    }
+
     /// The libuv handles on `loop` (counted with `uv_walk` on the loop thread), by type name.
     static func handles(_ loop: EventLoop) async -> [String] {
         await withCheckedContinuation { (c: CheckedContinuation<[String], Never>) in

@@ -49,6 +49,58 @@ struct LoopTests {
         #expect(log.withLock { $0 } == (0..<100).map(String.init) + ["outer-start", "outer-end", "inner"])
     }
 
+    @Test("a batching window never delays a loop that reads from one connection at a time")
+    func batchingWindowLeavesOneConnectionAlone() async throws {
+        let server = try ConnectionTests.sharedServer.get()
+        let key = "loop-window-one"
+        let loop = EventLoop(batchingWindow: .milliseconds(5))
+        defer { loop.shutdown() }
+        let connection = try Connection(port: server.port, loop: loop)
+        defer { connection.close() }
+        for _ in 0..<50 {
+            let grant = try #require(try await connection.acquire(key: key, timeoutS: 5))
+            try await connection.release(key: key, token: grant.token)
+        }
+        #expect(await LoopProbe.batchingWaits(loop) == 0)
+        #expect(await LoopProbe.handles(loop).sorted() == ["async", "prepare", "tcp"])
+    }
+
+    @Test("a batching window waits after a turn that read from several connections; shutdown closes its handle")
+    func batchingWindowWaitsWhenBusy() async throws {
+        let server = try ConnectionTests.sharedServer.get()
+        let loop = EventLoop(batchingWindow: .microseconds(300))
+        let connections = try (0..<20).map { _ in try Connection(port: server.port, loop: loop) }
+        // A burst of replies from one server may still arrive one per turn; a few bursts are
+        // all but certain to bring two within one turn.
+        var bursts = 0
+        while await LoopProbe.batchingWaits(loop) == 0, bursts < 50 {
+            bursts += 1
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for (index, connection) in connections.enumerated() {
+                    group.addTask {
+                        let key = "loop-window-busy-\(index)"
+                        let grant = try #require(try await connection.acquire(key: key, timeoutS: 5))
+                        try await connection.release(key: key, token: grant.token)
+                    }
+                }
+                try await group.waitForAll()
+            }
+        }
+        #expect(await LoopProbe.batchingWaits(loop) > 0, "no turn read from two connections in \(bursts) bursts of 20")
+        for connection in connections { connection.close() }
+        // uv_loop_close inside shutdown() traps if the window's prepare handle were left open.
+        loop.shutdown()
+    }
+
+    @Test("a zero or negative batching window adds no handle to the loop")
+    func batchingWindowOff() async {
+        for window: Duration in [.zero, .seconds(-1)] {
+            let loop = EventLoop(batchingWindow: window)
+            #expect(await LoopProbe.handles(loop) == ["async"], "window \(window)")
+            loop.shutdown()
+        }
+    }
+
     @Test("an owned loop shuts down cleanly with a connection still open, and the socket is closed")
     func shutdownWithOpenConnection() async throws {
         let server = try ConnectionTests.sharedServer.get()

@@ -37,9 +37,18 @@ public final class EventLoop: @unchecked Sendable {
 
     private var tlsBuffer: UnsafeMutableRawBufferPointer?
 
+    /// Streams that delivered bytes since the loop last polled. Loop thread only.
+    var readsSincePoll = 0
+
+    /// Times the loop waited out its batching window before polling. Loop thread only.
+    private(set) var batchingWaits = 0
+
     private let ownsLoop: Bool
     private let loopThread: pthread_t
     private let wakeup: UnsafeMutablePointer<uv_async_t>
+    /// Runs just before each poll to apply the batching window; nil when the window is zero.
+    private let beforePoll: UnsafeMutablePointer<uv_prepare_t>?
+    private let batchingWindow: timespec
     private let inbox = ThreadLock(Inbox())
 
     /// Resources that must be closed when the loop shuts down. Loop thread only. Held weakly:
@@ -55,15 +64,56 @@ public final class EventLoop: @unchecked Sendable {
     /// Creates a loop with its own `uv_loop_t` and starts a thread that runs it.
     ///
     /// Call ``shutdown()`` to stop the thread and free the loop; ``shared`` never needs it.
-    public init() {
+    public convenience init() {
+        self.init(batchingWindow: .zero)
+    }
+
+    /// Creates a loop with its own thread, like ``init()``, that batches the replies of a busy
+    /// server into fewer wake-ups.
+    ///
+    /// Whenever the last turn of the loop read from more than one connection, the loop waits
+    /// `batchingWindow` before it polls again, so that the replies arriving meanwhile are read
+    /// in one wake-up instead of one each. Every wake-up costs the client a context switch and
+    /// costs the server the work of waking it, so with many connections busy at once (hundreds
+    /// of workers, thousands of renewing locks) this saves CPU on both sides and, when the
+    /// server is the bottleneck, raises its throughput. A loop that reads from one connection
+    /// at a time never waits, so a lightly loaded client pays nothing; a busy one pays up to
+    /// `batchingWindow` of latency per turn, and timers and ``execute(_:)`` work may run that
+    /// much later too.
+    ///
+    /// With `make bench` (100 workers against dflockd 0.5.0 on loopback), a window of 300 µs
+    /// raised throughput by about a third and lowered client CPU per operation by about half;
+    /// the README's Performance section has the figures.
+    ///
+    /// - Parameter batchingWindow: How long to wait before polling after a busy turn. Zero
+    ///   turns batching off (the behaviour of ``init()``); a negative value counts as zero, and
+    ///   anything above 10 ms as 10 ms.
+    public init(batchingWindow: Duration) {
         raw = .allocate(capacity: 1)
         precondition(uv_loop_init(raw) == 0, "uv_loop_init failed")
         ownsLoop = true
         readBuffer = .allocate(byteCount: 64 * 1024, alignment: 16)
         wakeup = .allocate(capacity: 1)
         precondition(uv_async_init(raw, wakeup, EventLoop.onWakeup) == 0, "uv_async_init failed")
+        let window = min(max(batchingWindow, .zero), .milliseconds(10))
+        let nanoseconds = window.components.seconds * 1_000_000_000 + window.components.attoseconds / 1_000_000_000
+        self.batchingWindow = timespec(tv_sec: Int(nanoseconds / 1_000_000_000), tv_nsec: Int(nanoseconds % 1_000_000_000))
+        if nanoseconds > 0 {
+            let prepare = UnsafeMutablePointer<uv_prepare_t>.allocate(capacity: 1)
+            precondition(uv_prepare_init(raw, prepare) == 0, "uv_prepare_init failed")
+            // Unreferenced: the window must never be what keeps the loop running.
+            uv_unref(prepare.asHandle)
+            beforePoll = prepare
+        } else {
+            beforePoll = nil
+        }
         loopThread = EventLoop.startThread(running: raw)
         wakeup.pointee.data = Unmanaged.passUnretained(self).toOpaque()
+        if let beforePoll {
+            beforePoll.pointee.data = Unmanaged.passUnretained(self).toOpaque()
+            // Started on the loop thread: the handle is the loop's from here on.
+            execute { [self] in _ = self.beforePoll.map { uv_prepare_start($0, EventLoop.onBeforePoll) } }
+        }
     }
 
     /// Wraps a libuv loop that the caller runs, for embedding in an existing libuv program.
@@ -77,6 +127,8 @@ public final class EventLoop: @unchecked Sendable {
     public init(borrowing loop: UnsafeMutablePointer<uv_loop_t>) {
         raw = loop
         ownsLoop = false
+        beforePoll = nil
+        batchingWindow = timespec()
         readBuffer = .allocate(byteCount: 64 * 1024, alignment: 16)
         wakeup = .allocate(capacity: 1)
         precondition(uv_async_init(raw, wakeup, EventLoop.onWakeup) == 0, "uv_async_init failed")
@@ -173,6 +225,7 @@ public final class EventLoop: @unchecked Sendable {
             entry.resource?.closeForShutdown()
         }
         uv_close(wakeup.asHandle, freeHandleOnClose)
+        if let beforePoll { uv_close(beforePoll.asHandle, freeHandleOnClose) }
     }
 
     private func drainInbox() {
@@ -187,6 +240,18 @@ public final class EventLoop: @unchecked Sendable {
     private static let onWakeup: uv_async_cb = { handle in
         guard let data = handle?.pointee.data else { return }
         Unmanaged<EventLoop>.fromOpaque(data).takeUnretainedValue().drainInbox()
+    }
+
+    private static let onBeforePoll: uv_prepare_cb = { handle in
+        guard let data = handle?.pointee.data else { return }
+        let loop = Unmanaged<EventLoop>.fromOpaque(data).takeUnretainedValue()
+        let busy = loop.readsSincePoll > 1
+        loop.readsSincePoll = 0
+        guard busy else { return }
+        loop.batchingWaits &+= 1
+        var window = loop.batchingWindow
+        // An interrupted sleep only shortens the window; the poll that follows is what matters.
+        _ = nanosleep(&window, nil)
     }
 
     private static func startThread(running loop: UnsafeMutablePointer<uv_loop_t>) -> pthread_t {

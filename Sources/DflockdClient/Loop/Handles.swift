@@ -6,6 +6,10 @@ extension UnsafeMutablePointer where Pointee == uv_async_t {
     var asHandle: UnsafeMutablePointer<uv_handle_t> { UnsafeMutableRawPointer(self).assumingMemoryBound(to: uv_handle_t.self) }
 }
 
+extension UnsafeMutablePointer where Pointee == uv_prepare_t {
+    var asHandle: UnsafeMutablePointer<uv_handle_t> { UnsafeMutableRawPointer(self).assumingMemoryBound(to: uv_handle_t.self) }
+}
+
 extension UnsafeMutablePointer where Pointee == uv_timer_t {
     var asHandle: UnsafeMutablePointer<uv_handle_t> { UnsafeMutableRawPointer(self).assumingMemoryBound(to: uv_handle_t.self) }
 }

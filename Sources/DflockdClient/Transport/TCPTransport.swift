@@ -236,6 +236,7 @@ final class TCPTransport: Transport, LoopResource {
     private static let onRead: uv_read_cb = { stream, count, buffer in
         guard let transport = transport(of: UnsafeMutableRawPointer(stream)) else { return }
         if count > 0, let base = buffer?.pointee.base {
+            transport.loop.readsSincePoll &+= 1
             transport.delegate?.transport(transport, didRead: UnsafeRawBufferPointer(start: base, count: count))
         } else if count == Int(UV_EOF.rawValue) {
             transport.fail(.connectionClosed(reason: "the server closed the connection"))
