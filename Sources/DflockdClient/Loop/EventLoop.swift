@@ -82,7 +82,7 @@ public final class EventLoop: @unchecked Sendable {
     /// much later too.
     ///
     /// With `make bench` (100 workers against dflockd 0.5.0 on loopback), a window of 300 µs
-    /// raised throughput by about a third and lowered client CPU per operation by about half;
+    /// raised throughput by about a third and lowered client CPU per operation by about 40 %;
     /// the README's Performance section has the figures.
     ///
     /// - Parameter batchingWindow: How long to wait before polling after a busy turn. Zero
