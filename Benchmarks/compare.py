@@ -7,7 +7,7 @@ the server was during each run (dflockd 0.5.0 is one Python process: near 100 % 
 means the server, not the client, set the pace).
 
     Tests/scripts/with-server --max-locks 100000 -- .venv/bin/python Benchmarks/compare.py \\
-        --bench .build/release/dflockd-bench --floor .build/floor --workers 100 --rounds 500
+        --bench .build/release/dflockd-bench --floor .build/dflockd-floor --workers 100 --rounds 500
 
 With --floor it also runs Benchmarks/floor/floor.c, the same workload with bare epoll and one
 write per request: the least CPU per op any client can spend here, almost all of it the

@@ -37,7 +37,8 @@ public final class EventLoop: @unchecked Sendable {
 
     private var tlsBuffer: UnsafeMutableRawBufferPointer?
 
-    /// Streams that delivered bytes since the loop last polled. Loop thread only.
+    /// Read callbacks since the loop last polled: one per connection that had bytes waiting
+    /// (more only for a connection with over 64 KiB waiting). Loop thread only.
     var readsSincePoll = 0
 
     /// Times the loop waited out its batching window before polling. Loop thread only.
@@ -112,7 +113,7 @@ public final class EventLoop: @unchecked Sendable {
         if let beforePoll {
             beforePoll.pointee.data = Unmanaged.passUnretained(self).toOpaque()
             // Started on the loop thread: the handle is the loop's from here on.
-            execute { [self] in _ = self.beforePoll.map { uv_prepare_start($0, EventLoop.onBeforePoll) } }
+            execute { [self] in startBatching() }
         }
     }
 
@@ -240,6 +241,11 @@ public final class EventLoop: @unchecked Sendable {
     private static let onWakeup: uv_async_cb = { handle in
         guard let data = handle?.pointee.data else { return }
         Unmanaged<EventLoop>.fromOpaque(data).takeUnretainedValue().drainInbox()
+    }
+
+    private func startBatching() {
+        guard let beforePoll, !isShutDown else { return }
+        uv_prepare_start(beforePoll, EventLoop.onBeforePoll)
     }
 
     private static let onBeforePoll: uv_prepare_cb = { handle in
