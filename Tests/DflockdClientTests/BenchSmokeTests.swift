@@ -41,6 +41,20 @@ struct BenchSmokeTests {
         #expect(object["pipeline"] as? Bool == true)
     }
 
+    @Test func batchingWindowSmokeRunCountsEveryOpAndSaysSo() throws {
+        let server = try RealServer.start()
+        let run = try runBench(["--servers", "127.0.0.1:\(server.port)", "--workers", "8", "--rounds", "5",
+                                "--batching-window-us", "300", "--json"])
+        #expect(run.status == 0, "dflockd-bench exited with \(run.status); stderr: \(run.stderr)")
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(run.stdout.utf8)) as? [String: Any])
+        #expect(object["total_ops"] as? Int == 40)
+        #expect(object["batching_window_us"] as? Int == 300)
+
+        let refused = try runBench(["--servers", "127.0.0.1:\(server.port)", "--batching-window-us", "20000"])
+        #expect(refused.status != 0)
+        #expect(refused.stderr.contains("--batching-window-us must be between 0 and 10000"), "stderr: \(refused.stderr)")
+    }
+
     @Test func holdersSmokeRunPasses() throws {
         let server = try RealServer.start()
         let run = try runBench(["--servers", "127.0.0.1:\(server.port)", "--holders", "5", "--hold-seconds", "2",
