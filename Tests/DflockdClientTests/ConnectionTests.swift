@@ -60,18 +60,6 @@ final class OneShot<Value: Sendable>: Sendable {
     }
 }
 
-/// A value behind a lock, shareable with escaping closures.
-final class Locked<Value>: @unchecked Sendable {
-    private let lock = NSLock()
-    private var value: Value
-    init(_ value: Value) { self.value = value }
-    func withLock<R>(_ body: (inout Value) throws -> R) rethrows -> R {
-        lock.lock()
-        defer { lock.unlock() }
-        return try body(&value)
-    }
-}
-
 extension Duration {
     var seconds: Double {
         let (s, atto) = components
@@ -412,7 +400,7 @@ struct ConnectionTests {
             case grant(Grant?), done, seconds(Int), enqueued(EnqueueOutcome), failed(LockError)
         }
         let count = 8
-        let results = Locked<[(Int, Outcome, Bool)]>([])
+        let results = ThreadLock<[(Int, Outcome, Bool)]>([])
         let all = OneShot<Void>()
         let loop = connection.loop
         loop.execute {
@@ -744,7 +732,7 @@ struct ConnectionTests {
         let loop = connection.loop
         let outcome = OneShot<(returned: Bool, onLoop: Bool, result: Result<Grant?, LockError>)>()
         loop.execute {
-            let returned = Locked(false)
+            let returned = ThreadLock(false)
             connection.acquire(key: "bad key", timeoutS: 1) { result in
                 outcome.fulfil((returned.withLock { $0 }, loop.inEventLoop, result))
             }
@@ -943,7 +931,7 @@ struct ConnectionTests {
         defer { connections.values.forEach { $0.close() } }
 
         let answered = requests.filter { $0.reply != nil }.count
-        let results = Locked<[Int: Result<Reply, LockError>]>([:])
+        let results = ThreadLock<[Int: Result<Reply, LockError>]>([:])
         let done = OneShot<Void>()
         let loop = connections[letters[0]]!.loop
         let work = UncheckedSendable((requests, connections))

@@ -17,8 +17,8 @@ struct LoopTests {
         #expect(!loop.inEventLoop)
         let threads = 8, perThread = 2000
         // touched only on the loop thread
-        let runs = Locked([Int](repeating: 0, count: threads * perThread))
-        let offLoop = Locked(0)
+        let runs = ThreadLock([Int](repeating: 0, count: threads * perThread))
+        let offLoop = ThreadLock(0)
         DispatchQueue.concurrentPerform(iterations: threads) { t in
             for i in 0..<perThread {
                 loop.execute {
@@ -38,7 +38,7 @@ struct LoopTests {
     func ordering() async {
         let loop = EventLoop()
         defer { loop.shutdown() }
-        let log = Locked<[String]>([])
+        let log = ThreadLock<[String]>([])
         for i in 0..<100 { loop.execute { log.withLock { $0.append("\(i)") } } }
         loop.execute {
             log.withLock { $0.append("outer-start") }
@@ -193,7 +193,7 @@ struct LoopTests {
                 let loop = EventLoop()
                 let connection = try Connection(port: 1, loop: loop)
                 connection.close()
-                let issued = Locked(0), completed = Locked(0), stop = Locked(false)
+                let issued = ThreadLock(0), completed = ThreadLock(0), stop = ThreadLock(false)
                 let group = DispatchGroup()
                 for _ in 0..<3 {
                     group.enter()
