@@ -102,6 +102,20 @@ enum LoopProbe {
 }
 
 
+/// Every connection acquires and releases a key of its own (`<keyPrefix>-<index>`), all at once.
+func acquireAndReleaseAtOnce(_ connections: [Connection], keyPrefix: String) async throws {
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        for (index, connection) in connections.enumerated() {
+            group.addTask {
+                let key = "\(keyPrefix)-\(index)"
+                let grant = try #require(try await connection.acquire(key: key, timeoutS: 5))
+                try await connection.release(key: key, token: grant.token)
+            }
+        }
+        try await group.waitForAll()
+    }
+}
+
 /// After the connections on `loop` have ended: only the loop's own wake-up handle is left
 /// (close callbacks run at the end of the loop turn that closed a handle).
 func expectOnlyWakeupHandle(_ loop: EventLoop, sourceLocation: SourceLocation = #_sourceLocation) async {
@@ -1224,16 +1238,7 @@ struct ConnectionTests {
         let batch = 100
         for round in 0..<(1000 / batch) {
             let connections = try (0..<batch).map { _ in try Connection(port: server.port, loop: loop) }
-            try await withThrowingTaskGroup(of: Void.self) { group in
-                for (i, connection) in connections.enumerated() {
-                    group.addTask {
-                        let key = "leak-\(round)-\(i)"
-                        let grant = try #require(try await connection.acquire(key: key, timeoutS: 5))
-                        try await connection.release(key: key, token: grant.token)
-                    }
-                }
-                try await group.waitForAll()
-            }
+            try await acquireAndReleaseAtOnce(connections, keyPrefix: "leak-\(round)")
             if round == 0 {
                 // the probes see open connections (so they can see leaks)
                 #expect(ProcessFDs.sockets(toPort: server.port) == batch)

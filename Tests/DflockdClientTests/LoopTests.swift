@@ -75,16 +75,7 @@ struct LoopTests {
         var bursts = 0
         while await LoopProbe.batchingWaits(loop) == 0, bursts < 50 {
             bursts += 1
-            try await withThrowingTaskGroup(of: Void.self) { group in
-                for (index, connection) in connections.enumerated() {
-                    group.addTask {
-                        let key = "loop-window-busy-\(index)"
-                        let grant = try #require(try await connection.acquire(key: key, timeoutS: 5))
-                        try await connection.release(key: key, token: grant.token)
-                    }
-                }
-                try await group.waitForAll()
-            }
+            try await acquireAndReleaseAtOnce(connections, keyPrefix: "loop-window-busy")
         }
         #expect(await LoopProbe.batchingWaits(loop) > 0, "no turn read from two connections in \(bursts) bursts of 20")
         for connection in connections { connection.close() }
