@@ -920,7 +920,9 @@ struct ConnectionTests {
 
     /// Every recorded exchange the client can produce, replayed through `Connection` against a
     /// scripted peer: one connection per client letter, every request issued at once
-    /// (pipelined), each completion checked against what its recorded reply means.
+    /// (pipelined), each completion checked against what its recorded reply means. A check of
+    /// the decoder against every reply the servers were recorded sending, byte for byte
+    /// (tokens, fractional stats); the servers' behaviour itself is tested live above.
     @Test("recorded exchanges replay through pipelined connections", arguments: Replay.all)
     func replay(_ replay: Replay) async throws {
         let peer = try ScriptedPeer(script: replay.script)
@@ -975,73 +977,33 @@ struct ConnectionTests {
         try await peer.finish()
     }
 
-    @Test("semaphore commands (go-1.10-core.txt) through the public API")
-    func semaphores() async throws {
-        let recorded = try #require(Replay.all.first { $0.file == "go-1.10-core.txt" && $0.title.hasPrefix("semaphore") })
-        let peer = try ScriptedPeer(script: recorded.script)
-        let a = try Connection(port: peer.port)
-        let b = try Connection(port: peer.port)
-        let c = try Connection(port: peer.port)
-        defer { a.close(); b.close(); c.close() }
-        try await a.connect(); try await b.connect(); try await c.connect()
+    // Semaphores and stats through Connection against the real Go server: SemaphoreTests and
+    // StatsTests.
 
-        let ga = try #require(try await a.acquireSemaphore(key: "pool", limit: 2, timeoutS: 5))
-        #expect(ga == Grant(token: "45d099c205a29b62451df05fe4fe68f5", leaseS: 33))
-        let gb = try #require(try await b.acquireSemaphore(key: "pool", limit: 2, timeoutS: 5, leaseTtlS: 30))
-        #expect(gb == Grant(token: "d87f09a122fcdb6ff8a32a5f12a45eb7", leaseS: 30))
-        #expect(try await c.acquireSemaphore(key: "pool", limit: 2, timeoutS: 0) == nil)
-        #expect(await lockError { try await c.acquireSemaphore(key: "pool", limit: 3, timeoutS: 0) } == .limitMismatch(key: "pool"))
-        #expect(await lockError { try await c.acquire(key: "pool", timeoutS: 0) } == .limitMismatch(key: "pool"))
-        #expect(try await a.renewSemaphore(key: "pool", token: ga.token) == 33)
-        #expect(try await a.renewSemaphore(key: "pool", token: ga.token, leaseTtlS: 40) == 40)
-        #expect(try await c.enqueueSemaphore(key: "pool", limit: 2) == .queued)
-        async let waited = c.waitSemaphore(key: "pool", timeoutS: 5)
-        try await a.releaseSemaphore(key: "pool", token: ga.token)
-        let gc = try #require(try await waited)
-        #expect(gc == Grant(token: "f9805161a99435a2f9b734234e4b5dcb", leaseS: 33))
-        try await c.releaseSemaphore(key: "pool", token: gc.token)
-        try await b.releaseSemaphore(key: "pool", token: gb.token)
-        #expect(await lockError { try await b.releaseSemaphore(key: "pool", token: gb.token) } == .notHeld(key: "pool"))
-        // the recording ends with `sl pool 5 0`, which the server refuses; the client refuses it first
-        let zero = await lockError { try await a.acquireSemaphore(key: "pool", limit: 0, timeoutS: 5) }
-        guard case .invalidArgument(name: "limit", _)? = zero else { Issue.record("\(String(describing: zero))"); return }
-        try await peer.finish()
-    }
-
-    @Test("stats (go-1.10-core.txt) through the public API")
-    func stats() async throws {
-        let peer = try ScriptedPeer(transcript: "go-1.10-core.txt", section: "stats")
-        let a = try Connection(port: peer.port)
-        let b = try Connection(port: peer.port)
-        let s = try Connection(port: peer.port)
-        defer { a.close(); b.close(); s.close() }
-        try await a.connect(); try await b.connect(); try await s.connect()
-        let ga = try #require(try await a.acquire(key: "s1", timeoutS: 5))
-        async let waited = b.acquire(key: "s1", timeoutS: 5)
-        let stats = try await s.stats()
-        #expect(stats.connections == 3)
-        #expect(stats.locks == [ServerStats.LockInfo(key: "s1", ownerConnId: 20, leaseExpiresInS: 32.799063312, waiters: 1)])
-        #expect(stats.semaphores.isEmpty)
-        #expect(stats.idleLocks.count == 7)
-        #expect(stats.idleLocks.contains(ServerStats.IdleInfo(key: "clé-锁", idleS: 0.403538947)))
-        #expect(stats.idleSemaphores == [ServerStats.IdleInfo(key: "pool", idleS: 0.201914348)])
-        try await a.release(key: "s1", token: ga.token)
-        let gb = try #require(try await waited)
-        #expect(gb == Grant(token: "b8b6bf1b7107a1570e336f40bb207ac0", leaseS: 33))
-        try await b.release(key: "s1", token: gb.token)
-        try await peer.finish()
-    }
-
-    @Test("ping on a 1.10 server: `error`, which is fatal for the connection")
+    /// 1.10 has no `ping` (1.14+): it answers `error` and, as after any refused request, keeps
+    /// the connection open. A user who pings to probe the server must not lose the locks that
+    /// connection holds.
+    @Test("ping on the real 1.10 server: serverError, and the connection and its locks survive")
     func pingOnOldServer() async throws {
-        let peer = try ScriptedPeer(transcript: "go-1.10-core.txt", section: "ping")
-        let connection = try Connection(port: peer.port)
+        let server = try RealServer.start(.go)
+        let connection = try Connection(port: server.port)
         defer { connection.close() }
+        let held = try #require(try await connection.acquire(key: "ping-held", timeoutS: 5))
         #expect(await lockError { try await connection.ping() } == .serverError(command: "ping", key: "_"))
-        #expect(await lockError { try await connection.ping() } == .serverError(command: "ping", key: "_"))
-        try await peer.finish()
+        // KNOWN LIBRARY BUG (Connection): a plain `error` reply is treated as fatal and the client
+        // closes the connection, so the server releases the lock. Being fixed on another branch;
+        // when it lands this block records no issue, withKnownIssue then fails the test, and
+        // the wrapper must go.
+        let renewal = await lockError { try await connection.renew(key: "ping-held", token: held.token) }
+        let stillHeld = try heldElsewhere("ping-held", port: server.port)
+        withKnownIssue("Connection closes itself after a plain `error` reply that 1.10 does not close on") {
+            #expect(stillHeld, "the server kept the connection and its lock")
+            #expect(renewal == nil, "the connection is still usable after the server refused ping")
+        }
+        _ = await lockError { try await connection.release(key: "ping-held", token: held.token) }
     }
 
+    /// Replayed: only 2.x servers answer `ping`, and neither server here is 2.x.
     @Test("ping on a 2.x server")
     func ping() async throws {
         let peer = try ScriptedPeer(script: """
@@ -1057,43 +1019,44 @@ struct ConnectionTests {
         try await peer.finish()
     }
 
-    @Test("auth (go-1.10-auth.txt): no secret and a wrong one give authFailed, the right one works")
+    @Test("auth on the real Go server: no secret and a wrong one give authFailed, the right one works")
     func auth() async throws {
         let loop = EventLoop()
         defer { loop.shutdown() }
-        let peer = try ScriptedPeer(transcript: "go-1.10-auth.txt", section: "auth: command before auth, wrong token, right token")
-        let noSecret = try Connection(port: peer.port, loop: loop)
+        let server = try RealServer.start(.go, [.authToken("s3cret")])
+        let noSecret = try Connection(port: server.port, loop: loop)
         defer { noSecret.close() }
         #expect(await lockError { try await noSecret.acquire(key: "k", timeoutS: 5) } == .authFailed)
 
-        let wrong = try Connection(port: peer.port, auth: "wrong", loop: loop)
+        let wrong = try Connection(port: server.port, auth: "wrong", loop: loop)
         defer { wrong.close() }
         #expect(await lockError { try await wrong.connect() } == .authFailed)
         #expect(await lockError { try await wrong.acquire(key: "k", timeoutS: 5) } == .authFailed)
 
-        let right = try Connection(port: peer.port, auth: "s3cret", loop: loop)
+        let right = try Connection(port: server.port, auth: "s3cret", loop: loop)
         defer { right.close() }
         let grant = try #require(try await right.acquire(key: "k", timeoutS: 5))
-        #expect(grant == Grant(token: "944852e4fbb1fdb042c600c23f0c9c7f", leaseS: 33))
+        #expect(isToken(grant.token) && grant.leaseS == 33)
         try await right.release(key: "k", token: grant.token)
-        try await peer.finish()
         right.close()
         await expectOnlyWakeupHandle(loop)
     }
 
-    @Test("a wrong secret fails the calls waiting behind the auth with authFailed")
+    @Test("a wrong secret fails the calls waiting behind the auth with authFailed (real Go server)")
     func authFailsPendingCalls() async throws {
-        let peer = try ScriptedPeer(script: """
-            A > b'auth\\n_\\nwrong\\n'
-            A < error_auth
-            A ~ closed by server
-            """)
-        let connection = try Connection(port: peer.port, auth: "wrong")
+        let server = try RealServer.start(.go, [.authToken("s3cret")])
+        let connection = try Connection(port: server.port, auth: "wrong")
         defer { connection.close() }
-        #expect(await lockError { try await connection.acquire(key: "k", timeoutS: 5) } == .authFailed)
-        try await peer.finish()
+        let first = OneShot<Result<Grant?, LockError>>()
+        let second = OneShot<Result<Grant?, LockError>>()
+        connection.acquire(key: "k", timeoutS: 5) { first.fulfil($0) }
+        connection.acquire(key: "k2", timeoutS: 5) { second.fulfil($0) }
+        #expect(try #require(await first.value()) == .failure(.authFailed))
+        #expect(try #require(await second.value()) == .failure(.authFailed))
     }
 
+    /// Replayed: the peer holds back `error_auth` until the client has called connect(), an
+    /// ordering no real server can be made to keep.
     /// `connect()` promises a connection that is ready, authenticated when a secret is set. Called
     /// while the auth sent by an earlier request is still unanswered, it must wait for the answer.
     @Test("connect() during an unanswered auth waits for its outcome")
@@ -1127,28 +1090,26 @@ struct ConnectionTests {
         try await peer.finish()
     }
 
-    @Test("Go statuses (go-1.10-caps.txt) map to their errors and keep the connection usable")
+    @Test("Go statuses on the real server (--max-locks 1 --max-waiters 1) map to their errors and keep the connection usable")
     func capsStatuses() async throws {
-        let peer = try ScriptedPeer(transcript: "go-1.10-caps.txt", section: "caps: --max-locks 1 and --max-waiters 1")
-        let a = try Connection(port: peer.port)
-        let b = try Connection(port: peer.port)
-        let c = try Connection(port: peer.port)
+        let server = try RealServer.start(.go, [.maxLocks(1), .maxWaiters(1)])
+        let a = try Connection(port: server.port)
+        let b = try Connection(port: server.port)
+        let c = try Connection(port: server.port)
         defer { a.close(); b.close(); c.close() }
-        // connections are bound to the script's letters in the order they are accepted
-        try await a.connect()
-        try await b.connect()
-        try await c.connect()
         let held = try #require(try await a.acquire(key: "one", timeoutS: 5))
-        #expect(held == Grant(token: "f870db5f00c140396c414031e9323ae2", leaseS: 33))
         #expect(await lockError { try await a.acquire(key: "two", timeoutS: 5) } == .maxLocks(key: "two"))
-        async let bGot = b.acquire(key: "one", timeoutS: 5)
+        #expect(try await b.enqueue(key: "one") == .queued)
         #expect(await lockError { try await c.acquire(key: "one", timeoutS: 5) } == .maxWaiters(key: "one"))
         #expect(await lockError { try await c.enqueue(key: "one") } == .maxWaiters(key: "one"))
+        #expect(try await a.renew(key: "one", token: held.token) == 33, "a is still usable after error_max_locks")
+        async let bGot = b.wait(key: "one", timeoutS: 5)
         try await a.release(key: "one", token: held.token)
         let bGrant = try #require(try await bGot)
-        #expect(bGrant == Grant(token: "c08915379543b5aaa6694f9197de947b", leaseS: 33))
+        #expect(isToken(bGrant.token))
         try await b.release(key: "one", token: bGrant.token)
-        try await peer.finish()
+        let cGrant = try #require(try await c.acquire(key: "one", timeoutS: 5), "c is still usable after error_max_waiters")
+        try await c.release(key: "one", token: cGrant.token)
     }
 
     @Test("a reply with no request outstanding is a protocol violation that closes the connection")
