@@ -113,7 +113,8 @@ bench: setup bench-build
 		--go-bench .tools/bin/bench --bench "$$($(SWIFT) build -c release --show-bin-path)/dflockd-bench" \
 		--floor .build/dflockd-floor --window-us $(BENCH_WINDOW_US) \
 		--workers $(BENCH_WORKERS) --rounds $(BENCH_ROUNDS) --lease $(BENCH_LEASE) --repeat $(BENCH_REPEAT) \
-		--chart Benchmarks/results/bench-$(BENCH_SERVER).png --table Benchmarks/results/bench-$(BENCH_SERVER).txt
+		--chart Benchmarks/results/bench-$(BENCH_SERVER).png --table Benchmarks/results/bench-$(BENCH_SERVER).txt \
+		--data Benchmarks/results/bench-$(BENCH_SERVER).json
 
 # One socket per held lock: the server and the client each need ulimit -n above BENCH_HOLDERS.
 bench-holders: setup bench-build

@@ -155,10 +155,11 @@ def chart(runs: list[dict], title: str, path: str) -> None:
         axis.invert_yaxis()
         axis.set_xlabel(unit)
         axis.grid(axis="x", alpha=0.3)
+        # The value inside the bar's base, clear of the range whiskers at its end.
         for y, value in enumerate(values):
-            axis.text(value, y, f" {value:,.0f}" if name.startswith("throughput") else f" {value:.1f}",
-                      va="center", ha="left", fontsize=8)
-        axis.margins(x=0.2)
+            axis.text(max(values) * 0.01, y, f"{value:,.0f}" if name.startswith("throughput") else f"{value:.1f}",
+                      va="center", ha="left", fontsize=8, color="white", fontweight="bold")
+        axis.margins(x=0.05)
     right.set_yticklabels([])
     fig.suptitle(title, fontsize=10)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -182,7 +183,16 @@ def main() -> int:
                         help="runs of each client, interleaved; the table shows each figure's median")
     parser.add_argument("--chart", help="write a PNG chart of throughput and CPU per op here")
     parser.add_argument("--table", help="also write the table (text) here")
+    parser.add_argument("--data", help="also write every run's figures (JSON) here")
+    parser.add_argument("--replot", metavar="DATA",
+                        help="draw --chart from a --data file of an earlier run, and run nothing")
     args = parser.parse_args()
+
+    if args.replot:
+        with open(args.replot) as f:
+            saved = json.load(f)
+        chart(saved["runs"], saved["title"], args.chart or os.path.splitext(args.replot)[0] + ".png")
+        return 0
 
     port = os.environ.get("DFLOCKD_PORT")
     if not port:
@@ -233,9 +243,14 @@ def main() -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.table)), exist_ok=True)
         with open(args.table, "w") as f:
             f.write(text + "\n")
+    title = (f"{args.workers} workers x {args.rounds} rounds on {server_name}, "
+             f"{args.repeat} interleaved run{'s' if args.repeat != 1 else ''} each")
+    if args.data:
+        os.makedirs(os.path.dirname(os.path.abspath(args.data)), exist_ok=True)
+        with open(args.data, "w") as f:
+            json.dump({"title": title, "header": header, "runs": runs, "samples": samples}, f, indent=1)
     if args.chart:
-        chart(runs, f"{args.workers} workers x {args.rounds} rounds on {server_name}, "
-                    f"{args.repeat} interleaved run{'s' if args.repeat != 1 else ''} each", args.chart)
+        chart(runs, title, args.chart)
     return 0
 
 
