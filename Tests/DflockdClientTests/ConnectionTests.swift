@@ -717,6 +717,7 @@ struct ConnectionTests {
         await expectOnlyWakeupHandle(loop)
     }
 
+    /// Scripted: the peer fails the test on any byte but the one valid request it expects.
     @Test("invalid arguments fail at once, never reach the wire, and leave the connection usable")
     func invalidArgumentsStayLocal() async throws {
         let token = "0123456789abcdef0123456789abcdef"
@@ -819,6 +820,7 @@ struct ConnectionTests {
 
     // MARK: Timeouts
 
+    /// Scripted: a peer that reads the request and never answers, on a connection that stays up.
     @Test("socketTimeoutMs: a peer that never answers fails the call with socketTimeout and is hung up on")
     func socketTimeout() async throws {
         let loop = EventLoop()
@@ -1132,6 +1134,7 @@ struct ConnectionTests {
         await expectOnlyWakeupHandle(loop)
     }
 
+    /// Scripted: replies no real server sends (and a bare `error` where 0.5.0 closes anyway).
     @Test("garbage, a malformed reply, or `error` to a well-formed request fail every pending call and close",
           arguments: [
             ("A << b'\\xff\\xfe garbage\\n'", "protocolViolation"),
@@ -1172,6 +1175,7 @@ struct ConnectionTests {
         await expectOnlyWakeupHandle(loop)
     }
 
+    /// Scripted: no real server here splits a reply, ends it with CRLF or adds fields.
     @Test("a reply split into pieces, with CRLF and trailing fields, is read as one")
     func fragmentedReply() async throws {
         let peer = try ScriptedPeer(script: """
