@@ -71,7 +71,7 @@ public final class Connection: @unchecked Sendable {
         /// Added to a blocking request's own timeout for its deadline.
         var blockingGraceMs: Int = Connection.defaultBlockingGraceMs
 
-        var limits: ConnectionCore<Completion>.Limits {
+        var limits: ConnectionLimits {
             .init(requestTimeoutMs: requestTimeoutMs, blockingGraceMs: blockingGraceMs,
                   socketTimeoutMs: socketTimeoutMs, keepAliveMs: keepAliveMs)
         }
@@ -151,11 +151,16 @@ public final class Connection: @unchecked Sendable {
         // Validated by the public initializers already; checked again so that no path can
         // connect without the auth it was configured with. A secret that cannot be sent fails
         // the first request.
-        let auth = configuration.auth.flatMap { try? Request.auth(secret: $0) }
+        var auth: Request?
+        var refusal: LockError?
+        if let secret = configuration.auth {
+            do throws(LockError) { auth = try Request.auth(secret: secret) } catch { refusal = error }
+        }
         core = ConnectionCore(limits: configuration.limits, auth: auth)
-        makeTransport = Self.transportFactory(for: configuration)
-        if configuration.auth != nil, auth == nil {
-            makeTransport = { _ throws(LockError) in throw .invalidArgument(name: "auth", reason: "cannot be sent as a request line") }
+        if let refusal {
+            makeTransport = { _ throws(LockError) in throw refusal }
+        } else {
+            makeTransport = Self.transportFactory(for: configuration)
         }
     }
 

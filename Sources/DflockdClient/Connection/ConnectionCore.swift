@@ -14,18 +14,7 @@ import DequeModule
 /// `Completion` is whatever the driver needs to finish a request (a closure in
 /// ``Connection``); the core only stores and returns it.
 struct ConnectionCore<Completion> {
-    struct Limits: Sendable, Hashable {
-        /// Deadline of a request that does not block on the server, counted from when it is
-        /// sent (or queued while connecting).
-        var requestTimeoutMs: Int
-        /// Added to a blocking request's own timeout (`l`, `w`, `sl`, `sw`) for its deadline.
-        var blockingGraceMs: Int
-        /// Close when no byte arrives for this long while a reply is owed (a blocking head adds
-        /// its own timeout); nil: no such limit.
-        var socketTimeoutMs: Int?
-        /// Send `ping` after this long with nothing outstanding; nil: never.
-        var keepAliveMs: Int?
-    }
+    typealias Limits = ConnectionLimits
 
     enum Phase: Equatable {
         /// Nothing happened yet: the first request or `connect` starts the transport.
@@ -281,4 +270,18 @@ struct ConnectionCore<Completion> {
         }
         actions.append(.ended(error, notifyOwner: notifyOwner))
     }
+}
+
+/// The deadlines and keep-alive of a connection (see ``ConnectionCore``).
+struct ConnectionLimits: Sendable, Hashable {
+    /// Deadline of a request that does not block on the server, counted from when it is
+    /// sent (or queued while connecting).
+    var requestTimeoutMs: Int
+    /// Added to a blocking request's own timeout (`l`, `w`, `sl`, `sw`) for its deadline.
+    var blockingGraceMs: Int
+    /// Close when no byte arrives for this long while a reply is owed (a blocking head adds
+    /// its own timeout); nil: no such limit.
+    var socketTimeoutMs: Int?
+    /// Send `ping` after this long with nothing outstanding; nil: never.
+    var keepAliveMs: Int?
 }
