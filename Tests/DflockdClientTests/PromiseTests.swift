@@ -27,9 +27,9 @@ struct PromiseTests {
 
     // MARK: Item 4: no call waits forever
 
-    @Test("a blocking acquire against a frozen server returns after its timeout plus the grace", arguments: ServerKind.all)
+    @Test("a blocking acquire against a frozen server returns after its timeout plus the grace", arguments: ServerKind.allCases)
     func blockingAcquireAgainstFrozenServer(kind: ServerKind) async throws {
-        let server = try kind.start()
+        let server = try await RealServer.launch(kind)
         defer { server.stop() }
         let connection = try Connection(port: server.port, blockingGraceMs: 500)
         defer { connection.close() }
@@ -45,9 +45,9 @@ struct PromiseTests {
         #expect(elapsed >= .milliseconds(1_400) && elapsed < .seconds(5), "returned after \(elapsed)")
     }
 
-    @Test("a lock's blocking acquire with default options against a frozen server returns (acquireTimeoutS + 5 s)")
-    func lockAcquireAgainstFrozenServerWithDefaults() async throws {
-        let server = try RealServer.start()
+    @Test("a lock's blocking acquire with default options against a frozen server returns (acquireTimeoutS + 5 s)", arguments: ServerKind.allCases)
+    func lockAcquireAgainstFrozenServerWithDefaults(kind: ServerKind) async throws {
+        let server = try await RealServer.launch(kind)
         defer { server.stop() }
         let lock = try DistributedLock(key: "frozen-lock", acquireTimeoutS: 1, port: server.port)
         defer { lock.close() }
@@ -66,9 +66,9 @@ struct PromiseTests {
         #expect(elapsed < .seconds(10), "returned after \(elapsed)")
     }
 
-    @Test("a release against a frozen server returns with requestTimeout", arguments: ServerKind.all)
+    @Test("a release against a frozen server returns with requestTimeout", arguments: ServerKind.allCases)
     func releaseAgainstFrozenServer(kind: ServerKind) async throws {
-        let server = try kind.start()
+        let server = try await RealServer.launch(kind)
         defer { server.stop() }
         let connection = try Connection(port: server.port, requestTimeoutMs: 500)
         defer { connection.close() }
@@ -118,9 +118,9 @@ struct PromiseTests {
 
     // MARK: Issue #16: a refused request fails alone
 
-    @Test("ten pipelined requests, one refused with `error`: the other nine complete normally", arguments: ServerKind.all)
+    @Test("ten pipelined requests, one refused with `error`: the other nine complete normally", arguments: ServerKind.allCases)
     func refusedRequestAmongTen(kind: ServerKind) async throws {
-        let server = try kind.start()
+        let server = try await RealServer.launch(kind)
         defer { server.stop() }
         let connection = try Connection(port: server.port)
         defer { connection.close() }
@@ -341,20 +341,4 @@ final class OneShotFlag: Sendable {
     private let state = ThreadLock(false)
     func set() { state.withLock { $0 = true } }
     var isSet: Bool { state.withLock { $0 } }
-}
-
-/// The real servers a test runs against: the Python 0.5.0 one and, once the test bed has it,
-/// the Go 1.10 one.
-enum ServerKind: String, Sendable, CustomStringConvertible {
-    case python
-
-    static let all: [ServerKind] = [.python]
-
-    var description: String { rawValue }
-
-    func start() throws -> RealServer {
-        switch self {
-        case .python: return try RealServer.start()
-        }
-    }
 }
