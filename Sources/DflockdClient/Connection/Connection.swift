@@ -225,6 +225,12 @@ public final class Connection: @unchecked Sendable {
         input(&core, loop.nowMs, &actions)
         if fromCaller, actions.count > first { deferCallbacks(from: first) }
         guard !isPerforming else { return }
+        performQueued()
+    }
+
+    /// Performs the queued actions, including those that performing them adds, then settles
+    /// writes, the timer, and whether the connection must keep itself alive.
+    private func performQueued() {
         isPerforming = true
         var index = 0
         while index < actions.count {
@@ -256,7 +262,8 @@ public final class Connection: @unchecked Sendable {
         actions.removeSubrange(kept...)
         guard !later.isEmpty else { return }
         loop.runLater { [self] in
-            for action in later { perform(action) }
+            actions.append(contentsOf: later)
+            if !isPerforming { performQueued() }
         }
     }
 
