@@ -116,6 +116,36 @@ struct PromiseTests {
         }
     }
 
+    @Test("every TCP connection has keepalive on, first probe after 30 s idle")
+    func tcpKeepalive() async throws {
+        let port = try ConnectionTests.sharedServer.get().port
+        let loop = EventLoop()
+        defer { loop.shutdown() }
+        let connection = try Connection(port: port, loop: loop)
+        defer { connection.close() }
+        try await connection.connect()
+        let options = await withCheckedContinuation { (c: CheckedContinuation<[[Int32]], Never>) in
+            loop.execute {
+                var found: [[Int32]] = []
+                withUnsafeMutablePointer(to: &found) { pointer in
+                    uv_walk(loop.raw, { handle, context in
+                        guard let handle, uv_handle_get_type(handle) == UV_TCP else { return }
+                        var fd = uv_os_fd_t()
+                        guard uv_fileno(handle, &fd) == 0 else { return }
+                        var on: Int32 = 0, idle: Int32 = 0
+                        var size = socklen_t(MemoryLayout<Int32>.size)
+                        getsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, &size)
+                        size = socklen_t(MemoryLayout<Int32>.size)
+                        getsockopt(fd, Int32(IPPROTO_TCP), TCP_KEEPIDLE, &idle, &size)
+                        context!.assumingMemoryBound(to: [[Int32]].self).pointee.append([on, idle])
+                    }, pointer)
+                }
+                c.resume(returning: found)
+            }
+        }
+        #expect(options == [[1, 30]])
+    }
+
     // MARK: Issue #16: a refused request fails alone
 
     @Test("ten pipelined requests, one refused with `error`: the other nine complete normally", arguments: ServerKind.allCases)

@@ -143,7 +143,6 @@ final class TCPTransport: Transport {
             uv_tcp_init(loop.raw, handle)
             handle.pointee.data = Unmanaged.passRetained(self).toOpaque()
             uv_tcp_nodelay(handle, 1)
-            uv_tcp_keepalive(handle, 1, Self.keepAliveDelaySeconds)
             let request = UnsafeMutablePointer<uv_connect_t>.allocate(capacity: 1)
             let result = withUnsafePointer(to: &addresses[nextAddress]) { address in
                 address.withMemoryRebound(to: sockaddr.self, capacity: 1) { address in
@@ -176,6 +175,9 @@ final class TCPTransport: Transport {
         phase = .open
         connectTimer?.close()
         connectTimer = nil
+        // Set on the open socket: before there is one, libuv 1.44 records only "on" and applies
+        // its own 60 s delay at connect.
+        uv_tcp_keepalive(tcp, 1, Self.keepAliveDelaySeconds)
         let result = uv_read_start(tcp.asStream, Self.onAllocate, Self.onRead)
         guard result == 0 else {
             fail(.connectionClosed(reason: "could not start reading: \(uvErrorDescription(result))"))
