@@ -115,7 +115,7 @@ final class LoopEngine: @unchecked Sendable {
         // A borrowed loop's wake-up is unreferenced so that it never keeps `uv_run` going by
         // itself; work waiting to run must, or a loop whose only handle it is would return
         // before running it. Only the loop thread may touch the handle's flags.
-        if accepted, !ownsLoop, !wakeupKeepsLoopAlive, inEventLoop {
+        if accepted, !ownsLoop, inEventLoop, !wakeupKeepsLoopAlive {
             wakeupKeepsLoopAlive = true
             uv_ref(wakeup.asHandle)
         }
