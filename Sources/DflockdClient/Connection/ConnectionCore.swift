@@ -190,8 +190,9 @@ struct ConnectionCore<Completion> {
     private mutating func enqueue(_ request: Request, completion: Completion?, nowMs: UInt64) {
         let allowance: Int
         if let seconds = request.blockingSeconds {
-            let (blocking, overflow) = seconds.multipliedReportingOverflow(by: 1000)
-            allowance = overflow ? Int.max : blocking.addingReportingOverflow(limits.blockingGraceMs).overflow ? Int.max : blocking + limits.blockingGraceMs
+            let blocking = seconds.multipliedReportingOverflow(by: 1000)
+            let total = blocking.partialValue.addingReportingOverflow(limits.blockingGraceMs)
+            allowance = blocking.overflow || total.overflow ? Int.max : total.partialValue
         } else {
             allowance = limits.requestTimeoutMs
         }
