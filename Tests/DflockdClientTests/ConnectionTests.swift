@@ -992,16 +992,11 @@ struct ConnectionTests {
         defer { connection.close() }
         let held = try #require(try await connection.acquire(key: "ping-held", timeoutS: 5))
         #expect(await lockError { try await connection.ping() } == .serverError(command: "ping", key: "_"))
-        // KNOWN LIBRARY BUG (Connection): a plain `error` reply is treated as fatal and the client
-        // closes the connection, so the server releases the lock. Being fixed on another branch;
-        // when it lands this block records no issue, withKnownIssue then fails the test, and
-        // the wrapper must go.
+        // 1.10 keeps the connection after refusing ping: the lock it holds must survive.
         let renewal = await lockError { try await connection.renew(key: "ping-held", token: held.token) }
         let stillHeld = try heldElsewhere("ping-held", port: server.port)
-        withKnownIssue("Connection closes itself after a plain `error` reply that 1.10 does not close on") {
-            #expect(stillHeld, "the server kept the connection and its lock")
-            #expect(renewal == nil, "the connection is still usable after the server refused ping")
-        }
+        #expect(stillHeld, "the server kept the connection and its lock")
+        #expect(renewal == nil, "the connection is still usable after the server refused ping")
         _ = await lockError { try await connection.release(key: "ping-held", token: held.token) }
     }
 
@@ -1134,14 +1129,13 @@ struct ConnectionTests {
         await expectOnlyWakeupHandle(loop)
     }
 
-    /// Scripted: replies no real server sends (and a bare `error` where 0.5.0 closes anyway).
-    @Test("garbage, a malformed reply, or `error` to a well-formed request fail every pending call and close",
+    /// Scripted: replies no real server sends.
+    @Test("garbage or a malformed reply fails every pending call and closes",
           arguments: [
             ("A << b'\\xff\\xfe garbage\\n'", "protocolViolation"),
             ("A < queued", "protocolViolation"),
             ("A < ok", "protocolViolation"),
             ("A < ok 0123456789abcdef0123456789abcdef thirty-three", "protocolViolation"),
-            ("A < error", "serverError"),
           ])
     func fatalReplies(reply: String, kind: String) async throws {
         let loop = EventLoop()
@@ -1164,7 +1158,6 @@ struct ConnectionTests {
         for result in results {
             switch (kind, result) {
             case ("protocolViolation", .failure(.protocolViolation)): break
-            case ("serverError", .failure(.serverError(command: "l", key: "bad-1"))): break
             default: Issue.record("expected \(kind), got \(result)")
             }
         }
@@ -1215,7 +1208,8 @@ struct ConnectionTests {
             if round == 0 {
                 // the probes see open connections (so they can see leaks)
                 #expect(ProcessFDs.sockets(toPort: server.port) == batch)
-                #expect(await LoopProbe.handles(loop).count == batch + 1)
+                // each connection: its TCP stream and its deadline timer
+                #expect(await LoopProbe.handles(loop).count == 2 * batch + 1)
             }
             for connection in connections { connection.close() }
         }
