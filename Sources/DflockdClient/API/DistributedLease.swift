@@ -30,8 +30,8 @@ public class DistributedLease: @unchecked Sendable {
     /// Reports the current connection's end, tagged with its session (the connection holds its
     /// delegate weakly).
     private var connectionObserver: SessionObserver?
-    /// Renewals and the local lease deadline share this one timer; `timerSession` is the
-    /// session it was last scheduled for.
+    /// Renewals and the local lease deadline share this one timer, made on first use in a
+    /// session and closed with it; `timerSession` is the session it was last scheduled for.
     private var leaseTimer: LoopTimer?
     private var timerSession: LeaseMachine.Session = 0
     /// The completion of every call the machine has not completed yet.
@@ -273,10 +273,13 @@ public class DistributedLease: @unchecked Sendable {
             openConnection(session)
         case .closeConnection:
             // The machine only closes its live session, which is this connection.
+            // The timer belongs to the session too: an idle lock keeps no libuv handle.
             let closing = connection
             connection = nil
             connectionObserver = nil
             closing?.close()
+            leaseTimer?.close()
+            leaseTimer = nil
         case .send(let session, let outgoing):
             send(outgoing, session: session)
         case .scheduleTimer(let session, let milliseconds):
