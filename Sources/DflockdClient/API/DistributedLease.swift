@@ -1,4 +1,5 @@
 import CUV
+import Synchronization
 
 /// The machinery ``DistributedLock`` and ``DistributedSemaphore`` share: one session with the
 /// key's server, driven by a state machine (`LeaseMachine`) on the event loop, with lease
@@ -48,8 +49,8 @@ public class DistributedLease: @unchecked Sendable {
 
     private let published: ThreadLock<Published>
 
-    /// Call identities for cancellation; any thread.
-    private static let callCounter = ThreadLock<UInt64>(0)
+    /// Call identities for completion and cancellation; any thread.
+    private static let callCounter = Atomic<UInt64>(0)
 
     private struct Published {
         var state = LockState.idle
@@ -218,10 +219,7 @@ public class DistributedLease: @unchecked Sendable {
     // MARK: - Driving the machine
 
     private static func nextCall() -> LeaseMachine.CallID {
-        LeaseMachine.CallID(raw: callCounter.withLock { counter in
-            counter += 1
-            return counter
-        })
+        LeaseMachine.CallID(raw: callCounter.wrappingAdd(1, ordering: .relaxed).newValue)
     }
 
     /// Registers `completion` for `call` and feeds the machine the caller's event; the
