@@ -12,18 +12,6 @@ struct LockPromiseTests {
                             servers: [("127.0.0.1", server.port)], socketTimeoutMs: socketTimeoutMs)
     }
 
-    /// Whether another client finds the key taken (`l` with timeout 0).
-    private func isHeldElsewhere(_ key: String, on server: RealServer) throws -> Bool {
-        let client = try RawClient(port: server.port)
-        defer { client.close() }
-        let reply = try client.send("l", key, "0")
-        if reply == "timeout" { return true }
-        let fields = reply.split(separator: " ")
-        #expect(fields.first == "ok", "unexpected reply \(reply)")
-        _ = try client.send("r", key, String(fields[1]))
-        return false
-    }
-
     /// Item 1: B enqueues behind A (lease 2 s); A releases, so the server grants B and its lease
     /// starts then; C queues behind B and gets the key when B's lease runs out; B calls `wait`
     /// 3.5 s after the grant. B must not report held.
@@ -69,9 +57,9 @@ struct LockPromiseTests {
         #expect(b.state == .held)
         let remaining = try #require(b.leaseRemaining)
         #expect(remaining > .seconds(15) && remaining <= .seconds(20))
-        #expect(try isHeldElsewhere("live-grant", on: server))
+        #expect(try isHeld("live-grant", port: server.port))
         try await b.release()
-        #expect(try !isHeldElsewhere("live-grant", on: server))
+        #expect(try !isHeld("live-grant", port: server.port))
     }
 
     /// Item 2: a `withLock` whose task is cancelled during the body releases before it throws.
@@ -91,7 +79,7 @@ struct LockPromiseTests {
         task.cancel()
         await #expect(throws: CancellationError.self) { try await task.value }
         #expect(lock.state == .closed)
-        #expect(try !isHeldElsewhere("cancel-body", on: server), "the key was released")
+        #expect(try !isHeld("cancel-body", port: server.port), "the key was released")
     }
 
     /// Item 2: `release()` from a task that is already cancelled still releases.
@@ -107,7 +95,7 @@ struct LockPromiseTests {
         }
         try await task.value
         #expect(lock.state == .closed)
-        #expect(try !isHeldElsewhere("cancel-release", on: server))
+        #expect(try !isHeld("cancel-release", port: server.port))
     }
 
     /// Item 2: a cancelled blocking acquire closes its session, so the server drops its wait and
@@ -147,9 +135,9 @@ struct LockPromiseTests {
         try await a.release()
         #expect(try await forced.value)
         #expect(b.state == .held)
-        #expect(try isHeldElsewhere("force-blocked", on: server))
+        #expect(try isHeld("force-blocked", port: server.port))
         try await b.release()
-        #expect(try !isHeldElsewhere("force-blocked", on: server))
+        #expect(try !isHeld("force-blocked", port: server.port))
     }
 
     /// Item 3: forced enqueue and acquire while held start a new session and complete; the old
