@@ -51,6 +51,10 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
     case connectTimeout(host: String, port: Int, milliseconds: Int)
     /// No byte arrived within `socketTimeoutMs` while a reply was awaited.
     case socketTimeout(milliseconds: Int)
+    /// No reply to `command` on `key` came within its deadline of `milliseconds` (a blocking
+    /// request's own timeout plus `blockingGraceMs`, any other request's `requestTimeoutMs`):
+    /// the server is frozen, overloaded or unreachable. The connection was closed.
+    case requestTimeout(command: String, key: String, milliseconds: Int)
     /// The connection ended (the server closed it, it was reset, or a read or write failed).
     case connectionClosed(reason: String)
     /// The server sent something that is not a valid reply to the request outstanding.
@@ -100,7 +104,7 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
         case .serverDraining:
             return "the server is draining (shutting down) and grants nothing new; retry on another server or later."
         case .serverError(let command, let key):
-            return "the server answered `error` to '\(command)' on '\(key)'; it treats the request as malformed or not allowed. The connection was closed."
+            return "the server answered `error` to '\(command)' on '\(key)'; it treats the request as malformed or not allowed."
         case .resolveFailed(let host, let reason):
             return "could not resolve host '\(host)': \(reason). Check the server address."
         case .connectFailed(let host, let port, let reason):
@@ -109,6 +113,8 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
             return "connecting to \(host):\(port) took longer than \(milliseconds) ms; check the network or raise connectTimeoutMs."
         case .socketTimeout(let milliseconds):
             return "no reply byte arrived within \(milliseconds) ms (socketTimeoutMs); the connection was closed."
+        case .requestTimeout(let command, let key, let milliseconds):
+            return "no reply to '\(command)' on '\(key)' within its deadline of \(milliseconds) ms; the server may be frozen or unreachable, so the connection was closed. Raise requestTimeoutMs or blockingGraceMs if the server is just slow."
         case .connectionClosed(let reason):
             return "the connection to the server ended: \(reason)."
         case .protocolViolation(let detail):
