@@ -173,16 +173,33 @@ struct LockPromiseTests {
         try await other.release()
     }
 
-    /// Item 4: a release the server never answers (it is frozen) fails, saying the key is freed
-    /// at the latest when its lease ends, instead of claiming success or never returning.
+    /// Item 4: a release the server never answers (it is frozen) fails after the default
+    /// request deadline (10 s), saying the key is freed at the latest when its lease ends,
+    /// instead of claiming success or never returning.
     @Test(arguments: ServerKind.allCases)
     func aReleaseAFrozenServerNeverConfirmsFails(on kind: ServerKind) async throws {
         let server = try await RealServer.launch(kind)
-        let lock = try lock("frozen-release", on: server, leaseTtlS: 5, socketTimeoutMs: 500)
+        let lock = try lock("frozen-release", on: server, leaseTtlS: 30)
         #expect(try await lock.acquire())
         server.freeze()
         defer { server.thaw() }
-        await #expect(throws: LockError.releaseUnconfirmed(key: "frozen-release", leaseS: 5)) { try await lock.release() }
+        let started = ContinuousClock.now
+        await #expect(throws: LockError.releaseUnconfirmed(key: "frozen-release", leaseS: 30)) { try await lock.release() }
+        let elapsed = ContinuousClock.now - started
+        #expect(elapsed >= .milliseconds(9_500) && elapsed < .seconds(14), "returned after \(elapsed)")
+        #expect(lock.state == .closed)
+    }
+
+    /// The same with `socketTimeoutMs`: it keeps its meaning (no byte for that long while a
+    /// reply is owed) and ends the release sooner, with the same error.
+    @Test(arguments: ServerKind.allCases)
+    func aReleaseUnderSocketTimeoutFailsTheSameWay(on kind: ServerKind) async throws {
+        let server = try await RealServer.launch(kind)
+        let lock = try lock("frozen-release-socket", on: server, leaseTtlS: 5, socketTimeoutMs: 500)
+        #expect(try await lock.acquire())
+        server.freeze()
+        defer { server.thaw() }
+        await #expect(throws: LockError.releaseUnconfirmed(key: "frozen-release-socket", leaseS: 5)) { try await lock.release() }
         #expect(lock.state == .closed)
     }
 

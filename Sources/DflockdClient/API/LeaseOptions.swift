@@ -29,6 +29,11 @@ struct ConnectionOptions: Sendable {
     var auth: String?
     var connectTimeoutMs: Int?
     var socketTimeoutMs: Int?
+    /// The deadline of a request that does not block on the server, and of `auth` and the TLS
+    /// handshake; locks, semaphores and `stats` take the default.
+    var requestTimeoutMs = Connection.defaultRequestTimeoutMs
+    /// Added to a blocking request's own timeout for its deadline.
+    var blockingGraceMs = Connection.defaultBlockingGraceMs
 
     /// Checks every option, naming the one at fault, and derives the connection's
     /// configuration. Loads (once per distinct options in the process) the files TLS needs, so
@@ -38,7 +43,11 @@ struct ConnectionOptions: Sendable {
         let tlsContext = try tls.map { options throws(LockError) in try TLSContext.shared(for: options) }
         try Connection.validate(milliseconds: connectTimeoutMs, name: "connectTimeoutMs")
         try Connection.validate(milliseconds: socketTimeoutMs, name: "socketTimeoutMs")
+        try Connection.validate(milliseconds: requestTimeoutMs, name: "requestTimeoutMs")
+        if blockingGraceMs < 0 {
+            throw .invalidArgument(name: "blockingGraceMs", reason: "must be 0 or more milliseconds, got \(blockingGraceMs)")
+        }
         return Connection.Configuration(tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs,
-                                        tlsContext: tlsContext)
+                                        tlsContext: tlsContext, requestTimeoutMs: requestTimeoutMs, blockingGraceMs: blockingGraceMs)
     }
 }
