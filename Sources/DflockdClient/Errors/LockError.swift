@@ -35,6 +35,10 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
     case limitMismatch(key: String)
     /// The lease ran out before the grant reached this client (`error_lease_expired`).
     case leaseExpired(key: String)
+    /// `release` sent, but the server did not confirm it in time (a request deadline passed, it
+    /// stopped answering). The connection was closed; the server frees the key when it sees
+    /// that, and at the latest when the lease (`leaseS` seconds from the last renewal) ends.
+    case releaseUnconfirmed(key: String, leaseS: Int)
     /// The server is shutting down and takes no new grants (`error_draining`).
     case serverDraining
     /// The server answered `error` to a request this client sent as well-formed.
@@ -95,6 +99,8 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
             return "'\(key)' exists on the server as a lock or a semaphore with another limit; use the same kind and limit as its other users."
         case .leaseExpired(let key):
             return "the lease on '\(key)' expired before the grant reached this client; acquire again."
+        case .releaseUnconfirmed(let key, let leaseS):
+            return "the server did not confirm the release of '\(key)' in time; the connection was closed, so the key is freed when the server notices, at the latest when its lease ends (\(leaseS) s after the last renewal)."
         case .serverDraining:
             return "the server is draining (shutting down) and grants nothing new; retry on another server or later."
         case .serverError(let command, let key):
