@@ -333,7 +333,8 @@ struct ConnectionTests {
         #expect(first.leaseS == 33)
         #expect(isToken(first.token))
         #expect(try await b.enqueue(key: key) == .queued)
-        // 0.5.0 answers a second enqueue with plain `error`: mapped, and not fatal
+        // 0.5.0 answers a second enqueue with plain `error`, 1.10 with error_already_enqueued: both
+        // mapped, and not fatal
         #expect(await lockError { try await b.enqueue(key: key) } == .alreadyEnqueued(key: key))
         #expect(try await b.wait(key: key, timeoutS: 1) == nil, "the holder keeps it: the wait times out")
         // the timeout removed the waiter: enqueue again, with a lease of its own

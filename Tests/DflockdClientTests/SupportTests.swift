@@ -6,16 +6,19 @@ import Testing
 
 @Suite("Test support")
 struct SupportTests {
-    /// Replays the `l`/`r` requests of py-0.5.0-core.txt's first section against a real
-    /// server and checks each reply against the recorded one, with the recorded tokens mapped
+    /// Replays the `l`/`r` requests of the first section of the transcript recorded from each
+    /// server (py-0.5.0-core.txt, go-1.10-core.txt) against that real server and checks each
+    /// reply against the recorded one, with the recorded tokens mapped
     /// to the live ones. (The section's `n` steps are left out: their "seconds remaining"
     /// depends on timing.)
-    @Test("RealServer starts; RawClient's l/r replies match py-0.5.0-core.txt")
-    func realServerAndRawClient() throws {
+    @Test("RealServer starts; RawClient's l/r replies match the transcript recorded from that server",
+          arguments: ServerKind.allCases)
+    func realServerAndRawClient(on kind: ServerKind) throws {
         let section = "lock: acquire, renew, release (default and explicit lease)"
-        let steps = try ScriptStep.steps(inTranscript: try TestSupport.transcript("py-0.5.0-core.txt"),
-                                         section: section, name: "py-0.5.0-core.txt")
-        let server = try RealServer.start()
+        let transcript = kind == .python ? "py-0.5.0-core.txt" : "go-1.10-core.txt"
+        let steps = try ScriptStep.steps(inTranscript: try TestSupport.transcript(transcript),
+                                         section: section, name: transcript)
+        let server = try RealServer.start(kind)
         let raw = try RawClient(port: server.port)
         defer { raw.close() }
 

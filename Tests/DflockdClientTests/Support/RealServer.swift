@@ -350,7 +350,8 @@ final class RealServer: @unchecked Sendable, CustomStringConvertible {
         }
         switch spawned {
         case .success(let pid): return pid
-        case .failure(let error): throw RealServerError("RealServer: \(error)")
+        case .failure(let error):
+            throw RealServerError("RealServer: \(error) (the Go server is started through setpriv, from util-linux: install it)")
         }
     }
 
