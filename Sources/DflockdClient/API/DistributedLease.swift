@@ -177,8 +177,15 @@ public class DistributedLease: @unchecked Sendable {
     /// Acquires, runs `body`, and releases, even when `body` throws (its error then wins over a
     /// release error).
     ///
+    /// `body` runs in the caller's isolation: called from an actor, it may touch the actor's
+    /// state (`isolation` is the caller's, filled in by the compiler). On the loop's executor
+    /// (an actor whose executor is the loop, or inside `withTaskExecutorPreference(loop)`) the
+    /// acquire, `body` and the release all run on the loop thread, without a thread hop; a `body`
+    /// that blocks the thread then blocks every lock on the loop until it returns.
+    ///
     /// - Throws: ``LockError/acquireTimeout(key:)`` when the key was not granted in time.
-    public func withLock<T>(_ body: () async throws -> T) async throws -> T {
+    public func withLock<T>(isolation: isolated (any Actor)? = #isolation,
+                            _ body: () async throws -> T) async throws -> T {
         guard try await acquire() else { throw LockError.acquireTimeout(key: key) }
         let value: T
         do {
@@ -348,24 +355,11 @@ public class DistributedLease: @unchecked Sendable {
         }
     }
 
-    /// Runs a completion-handler operation as an async call. Cancelling the task ends the
-    /// session (the operation fails with ``LockError/cancelled``); a task cancelled before the
-    /// operation reached the loop never starts it.
+    /// Runs a completion-handler operation as an async call (see `EventLoop.bridge`). Cancelling
+    /// the task ends the session (the operation fails with ``LockError/cancelled``); a task
+    /// cancelled before the operation reached the loop never starts it.
     private func bridge<Value: Sendable>(_ start: @escaping (@escaping (Result<Value, LockError>) -> Void) -> Void) async throws -> Value {
-        let cancelled = ThreadLock(false)
-        return try await withTaskCancellationHandler {
-            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Value, any Error>) in
-                let resume: (Result<Value, LockError>) -> Void = { continuation.resume(with: $0.mapError { $0 as any Error }) }
-                loop.runOnLoop(ifShutDown: { resume(.failure(.eventLoopShutDown)) }) {
-                    if cancelled.withLock({ $0 }) {
-                        resume(.failure(.cancelled))
-                    } else {
-                        start(resume)
-                    }
-                }
-            }
-        } onCancel: {
-            cancelled.withLock { $0 = true }
+        try await loop.bridge(start) {
             self.loop.runOnLoop { [self] in step(.cancelRequested) }
         }
     }

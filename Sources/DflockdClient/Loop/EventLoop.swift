@@ -57,6 +57,9 @@ public final class EventLoop: @unchecked Sendable {
     private var resources: [ObjectIdentifier: WeakResource] = [:]
     private var isShutDown = false
 
+    /// The executor's jobs enqueued on the loop thread (`EventLoop+Executor.swift`).
+    let runQueue = RunQueue()
+
     private struct Inbox {
         var work: [@Sendable () -> Void] = []
         var isClosed = false
@@ -225,6 +228,8 @@ public final class EventLoop: @unchecked Sendable {
             resources[identifier] = nil
             entry.resource?.closeForShutdown()
         }
+        // Executor jobs: the tasks just failed with eventLoopShutDown run on to their end.
+        runQueue.shutDown(loop: self)
         uv_close(wakeup.asHandle, freeHandleOnClose)
         if let beforePoll { uv_close(beforePoll.asHandle, freeHandleOnClose) }
     }
