@@ -34,7 +34,9 @@ extension EventLoop: TaskExecutor, SerialExecutor {
         let job = UnownedJob(job)
         if inEventLoop, !runQueue.isClosed {
             runQueue.append(job, loop: self)
-        } else if !tryExecute({ [self] in run(job) }) {
+        } else if tryExecute({ [self] in run(job) }) {
+            runQueue.jobsThroughInbox.add(1, ordering: .relaxed)
+        } else {
             runQueue.runAfterShutdown(job, loop: self)
         }
     }

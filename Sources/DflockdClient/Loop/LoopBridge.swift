@@ -24,6 +24,21 @@ extension EventLoop {
     nonisolated(nonsending)
     func bridge<Value: Sendable>(_ start: @escaping (_ completion: @escaping (Result<Value, LockError>) -> Void) -> Void,
                                  onCancel: @Sendable () -> Void) async throws -> Value {
+        guard inEventLoop else {
+            return try await suspend(start, onCancel: onCancel)
+        }
+        // A continuation resumes its task on the task's executor (the global pool when it has
+        // no preference), and an actor's code then hops to the actor: two hops for an actor on
+        // the loop. Preferring the loop for the length of the call makes the resume land in
+        // the loop's run queue, where the actor, whose executor is the loop, goes on at once.
+        return try await withTaskExecutorPreference(self) {
+            try await suspend(start, onCancel: onCancel)
+        }
+    }
+
+    nonisolated(nonsending)
+    private func suspend<Value: Sendable>(_ start: @escaping (_ completion: @escaping (Result<Value, LockError>) -> Void) -> Void,
+                                          onCancel: @Sendable () -> Void) async throws -> Value {
         let call = LoopCall<Value>()
         return try await withTaskCancellationHandler {
             try await withUnsafeThrowingContinuation { continuation in

@@ -1,6 +1,7 @@
 import CUV
 import DequeModule
 import Glibc
+import Synchronization
 
 /// The jobs of the loop's executor (``EventLoop/enqueue(_:)``) that were enqueued on the loop
 /// thread itself: a task resumed by a completion handler, an actor on the loop calling another.
@@ -24,6 +25,10 @@ final class RunQueue {
     private var isDraining = false
     /// The loop, kept alive while jobs wait for it (their executor reference is unowned).
     private var loopWhileBusy: EventLoop?
+    /// Jobs run from this queue so far, for tests.
+    private(set) var jobsRun = 0
+    /// Jobs that came from other threads, through the loop's inbox (each a wake-up), for tests.
+    let jobsThroughInbox = Atomic<Int>(0)
 
     /// Jobs enqueued on other threads once the loop's inbox has closed. Until the loop thread
     /// has finished shutting down it runs them itself; after that, whichever enqueueing thread
@@ -53,6 +58,7 @@ final class RunQueue {
         var budget = jobs.count
         while budget > 0 || isClosed, let job = jobs.popFirst() {
             budget -= 1
+            jobsRun &+= 1
             loop.run(job)
         }
         isDraining = false
