@@ -82,6 +82,11 @@ let package = Package(
             path: "Examples/EmbeddedServer"
         ),
         .executableTarget(
+            name: "ActorService",
+            dependencies: ["DflockdClient"],
+            path: "Examples/ActorService"
+        ),
+        .executableTarget(
             name: "DflockdBench",
             dependencies: [
                 "DflockdClient",
