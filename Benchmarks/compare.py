@@ -111,6 +111,7 @@ def main() -> int:
         (f"swift window {args.window_us}us", [args.bench, *common, *window]),
         ("swift --pipeline", [args.bench, *common, "--pipeline"]),
         ("swift --api async", [args.bench, *common, "--api", "async"]),
+        ("swift --api async-loop", [args.bench, *common, "--api", "async-loop"]),
         ("python async", [args.python, os.path.join(HERE, "python_bench.py"), *common]),
     ]
     if args.floor:

@@ -31,19 +31,17 @@ extension EventLoop: TaskExecutor, SerialExecutor {
     /// Runs `job` on the loop thread: from the loop thread itself at the end of the current turn
     /// (before the loop polls again), from any other thread on the loop's next turn.
     public func enqueue(_ job: consuming ExecutorJob) {
-        let job = UnownedJob(job)
-        if inEventLoop, !runQueue.isClosed {
-            runQueue.append(job, loop: self)
-        } else if tryExecute({ [self] in run(job) }) {
-            runQueue.jobsThroughInbox.add(1, ordering: .relaxed)
-        } else {
-            runQueue.runAfterShutdown(job, loop: self)
-        }
+        schedule(RunQueue.Job(job: UnownedJob(job), onActor: false))
     }
 
-    /// The loop as the serial executor of an actor (`unownedExecutor`).
+    /// The loop as the serial executor of an actor (return it from the actor's
+    /// `unownedExecutor`): the actor's code runs on the loop thread.
+    ///
+    /// The executor it wraps is a companion object of the loop's, so that the loop can tell an
+    /// actor's jobs from those of tasks preferring the loop, and run nonisolated code of such a
+    /// task without a switch of executor at each call.
     public func asUnownedSerialExecutor() -> UnownedSerialExecutor {
-        UnownedSerialExecutor(ordinary: self)
+        UnownedSerialExecutor(ordinary: runQueue.actorExecutor)
     }
 
     /// The loop as a task executor (`withTaskExecutorPreference(_:operation:)`).
@@ -59,8 +57,40 @@ extension EventLoop: TaskExecutor, SerialExecutor {
                      "expected to run on the event loop's thread (the executor of this actor or task)")
     }
 
-    /// Runs one job isolated to this executor, preferring it as the job's task executor.
-    func run(_ job: UnownedJob) {
-        job.runSynchronously(isolatedTo: asUnownedSerialExecutor(), taskExecutor: asUnownedTaskExecutor())
+    func schedule(_ job: RunQueue.Job) {
+        if inEventLoop, !runQueue.isClosed {
+            runQueue.append(job, loop: self)
+        } else if tryExecute({ [self] in run(job) }) {
+            runQueue.jobsThroughInbox.add(1, ordering: .relaxed)
+        } else {
+            runQueue.runAfterShutdown(job, loop: self)
+        }
+    }
+
+    /// Runs one job: an actor's isolated to the actor's executor; a task's on the loop as its
+    /// task executor, with no serial executor (nonisolated code then needs no switch).
+    func run(_ job: RunQueue.Job) {
+        if job.onActor {
+            job.job.runSynchronously(on: UnownedSerialExecutor(ordinary: runQueue.actorExecutor))
+        } else {
+            job.job.runSynchronously(on: asUnownedTaskExecutor())
+        }
+    }
+}
+
+/// The face of an ``EventLoop`` that actors use as their serial executor.
+final class LoopActorExecutor: SerialExecutor, @unchecked Sendable {
+    unowned let loop: EventLoop
+
+    init(loop: EventLoop) {
+        self.loop = loop
+    }
+
+    func enqueue(_ job: consuming ExecutorJob) {
+        loop.schedule(RunQueue.Job(job: UnownedJob(job), onActor: true))
+    }
+
+    func checkIsolated() {
+        loop.checkIsolated()
     }
 }

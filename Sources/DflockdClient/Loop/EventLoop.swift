@@ -112,6 +112,7 @@ public final class EventLoop: @unchecked Sendable {
             beforePoll = nil
         }
         loopThread = EventLoop.startThread(running: raw)
+        runQueue.bind(to: self)
         wakeup.pointee.data = Unmanaged.passUnretained(self).toOpaque()
         if let beforePoll {
             beforePoll.pointee.data = Unmanaged.passUnretained(self).toOpaque()
@@ -138,6 +139,7 @@ public final class EventLoop: @unchecked Sendable {
         precondition(uv_async_init(raw, wakeup, EventLoop.onWakeup) == 0, "uv_async_init failed")
         uv_unref(wakeup.asHandle)
         loopThread = pthread_self()
+        runQueue.bind(to: self)
         wakeup.pointee.data = Unmanaged.passUnretained(self).toOpaque()
     }
 

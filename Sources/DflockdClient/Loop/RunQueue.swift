@@ -13,12 +13,26 @@ import Synchronization
 /// loop's `uv_run` does not return while jobs wait. Created on first use: a loop that never
 /// runs a job has no extra handle.
 ///
-/// A drain runs the jobs that were waiting when it began; jobs those enqueue run on the next
-/// turn, after the loop has polled (without waiting), so two actors calling each other on the
-/// loop cannot starve its I/O and timers.
+/// A drain runs jobs until none is left, or until it has run ``jobsPerDrain`` of them: the
+/// rest run on the next turn, after the loop has polled (without waiting), so two actors
+/// calling each other on the loop cannot starve its I/O and timers.
 final class RunQueue {
+    /// A job and the face of the loop it was enqueued on.
+    struct Job {
+        let job: UnownedJob
+        /// Enqueued on ``LoopActorExecutor`` (an actor's job) rather than on the loop as a task
+        /// executor.
+        let onActor: Bool
+    }
+
+    static let jobsPerDrain = 1024
+
+    /// The loop's face as the serial executor of actors (``EventLoop/asUnownedSerialExecutor()``).
+    /// Set once, by ``bind(to:)`` in the loop's initializer, before any other thread sees it.
+    private(set) var actorExecutor: LoopActorExecutor!
+
     // Loop thread only.
-    private var jobs = Deque<UnownedJob>()
+    private var jobs = Deque<Job>()
     private var idle: UnsafeMutablePointer<uv_idle_t>?
     /// Set by ``shutDown(loop:)``: later jobs go to ``afterShutdown``.
     private(set) var isClosed = false
@@ -37,13 +51,18 @@ final class RunQueue {
     private let afterShutdown = ThreadLock(AfterShutdown())
 
     private struct AfterShutdown {
-        var jobs = Deque<UnownedJob>()
+        var jobs = Deque<Job>()
         var runner: pthread_t?
         var loopHasFinished = false
     }
 
+    /// Called once by the loop's initializers.
+    func bind(to loop: EventLoop) {
+        actorExecutor = LoopActorExecutor(loop: loop)
+    }
+
     /// Adds a job enqueued on the loop thread. Loop thread only; not after ``isClosed``.
-    func append(_ job: UnownedJob, loop: EventLoop) {
+    func append(_ job: Job, loop: EventLoop) {
         assert(!isClosed)
         jobs.append(job)
         guard jobs.count == 1, !isDraining else { return }
@@ -55,7 +74,7 @@ final class RunQueue {
     private func drain(_ loop: EventLoop) {
         guard !isDraining else { return }
         isDraining = true
-        var budget = jobs.count
+        var budget = RunQueue.jobsPerDrain
         while budget > 0 || isClosed, let job = jobs.popFirst() {
             budget -= 1
             jobsRun &+= 1
@@ -117,7 +136,7 @@ final class RunQueue {
     /// Runs a job that can no longer reach the loop's inbox: the loop thread runs it if it is
     /// still shutting down; otherwise this thread does, unless another thread is running such
     /// jobs already, which then runs this one after its own.
-    func runAfterShutdown(_ job: UnownedJob, loop: EventLoop) {
+    func runAfterShutdown(_ job: Job, loop: EventLoop) {
         let mustRun = afterShutdown.withLock { state -> Bool in
             state.jobs.append(job)
             guard state.loopHasFinished, state.runner == nil else { return false }
@@ -129,7 +148,7 @@ final class RunQueue {
 
     /// Runs the jobs after shutdown until none is left, on the thread that claimed them.
     private func runClaimedJobs(_ loop: EventLoop) {
-        while let next = afterShutdown.withLock({ state -> UnownedJob? in
+        while let next = afterShutdown.withLock({ state -> Job? in
             guard state.runner.map({ pthread_equal($0, pthread_self()) != 0 }) == true else { return nil }
             if let next = state.jobs.popFirst() { return next }
             state.runner = nil
