@@ -70,11 +70,16 @@ extension EventLoop: TaskExecutor, SerialExecutor {
     /// Runs one job: an actor's isolated to the actor's executor; a task's on the loop as its
     /// task executor, with no serial executor (nonisolated code then needs no switch).
     func run(_ job: RunQueue.Job) {
+        // Off the loop thread only after shutdown, where nothing reads the flag.
+        let onLoop = inEventLoop
+        let outer = onLoop ? runQueue.isRunningTaskJob : false
+        if onLoop { runQueue.isRunningTaskJob = !job.onActor }
         if job.onActor {
             job.job.runSynchronously(on: UnownedSerialExecutor(ordinary: runQueue.actorExecutor))
         } else {
             job.job.runSynchronously(on: asUnownedTaskExecutor())
         }
+        if onLoop { runQueue.isRunningTaskJob = outer }
     }
 }
 

@@ -24,7 +24,9 @@ extension EventLoop {
     nonisolated(nonsending)
     func bridge<Value: Sendable>(_ start: @escaping (_ completion: @escaping (Result<Value, LockError>) -> Void) -> Void,
                                  onCancel: @Sendable () -> Void) async throws -> Value {
-        guard inEventLoop else {
+        // A job the loop runs as a task executor belongs to a task that prefers the loop: it
+        // resumes there already.
+        guard inEventLoop, !runQueue.isRunningTaskJob else {
             return try await suspend(start, onCancel: onCancel)
         }
         // A continuation resumes its task on the task's executor (the global pool when it has

@@ -39,6 +39,9 @@ final class RunQueue {
     private var isDraining = false
     /// The loop, kept alive while jobs wait for it (their executor reference is unowned).
     private var loopWhileBusy: EventLoop?
+    /// Whether the job running now on the loop thread was enqueued on the loop as a task
+    /// executor (its task prefers the loop), not on an actor. Loop thread only.
+    var isRunningTaskJob = false
     /// Jobs run from this queue so far, for tests.
     private(set) var jobsRun = 0
     /// Jobs that came from other threads, through the loop's inbox (each a wake-up), for tests.
