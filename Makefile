@@ -12,18 +12,24 @@
 #   make example NAME=Quickstart   setup, then run one example against a throwaway dflockd
 #   make examples                  setup, then run every example, each with its own dflockd
 #   make docs    DocC documentation of the library; any documentation warning fails it
-#   make bench   release build of dflockd-bench, then it (with and without a batching window),
-#                the Python client (async API) and the bare-epoll C floor on one real dflockd:
-#                one table of throughput, p50, p99, client CPU per op and ratios
-#   make bench-holders   dflockd-bench holding 15,000 locks for 60 s on one loop thread
+#   make bench   release build of dflockd-bench, then on one Go dflockd 1.10 (BENCH_SERVER=py:
+#                the Python 0.5.0 one), interleaved: the Go client (cmd/bench), dflockd-bench in
+#                each mode, the Python client and the bare-epoll C floor: one table of
+#                throughput, p50, p99, client and server CPU per op and ratios to the Go
+#                client, and a chart (Benchmarks/results/bench-$(BENCH_SERVER).png and .txt)
+#   make bench-holders   dflockd-bench holding 15,000 locks for 60 s on one loop thread (Go server;
+#                BENCH_SERVER=py for the Python one)
 #   make clean   remove build products (.build, .build-fuzz, .build-asan, .build-tsan);
 #                `make distclean` also removes .venv and .tools
 
 SWIFT ?= $(shell command -v swift 2>/dev/null || echo /opt/swift/usr/bin/swift)
 
 BENCH_WORKERS ?= 100
-BENCH_ROUNDS ?= 500
+BENCH_ROUNDS ?= 1000
 BENCH_REPEAT ?= 3
+# go: the Go dflockd 1.10 (default); py: the Python dflockd 0.5.0.
+BENCH_SERVER ?= go
+BENCH_WINDOW_US ?= 300
 BENCH_HOLDERS ?= 15000
 BENCH_HOLD_SECONDS ?= 60
 BENCH_LEASE ?= 10
@@ -103,17 +109,20 @@ bench-build:
 	$(CC) -O2 -Wall -o .build/dflockd-floor Benchmarks/floor/floor.c
 
 bench: setup bench-build
-	bash Tests/scripts/with-server --max-locks 100000 -- .venv/bin/python Benchmarks/compare.py \
-		--bench "$$($(SWIFT) build -c release --show-bin-path)/dflockd-bench" --floor .build/dflockd-floor \
-		--workers $(BENCH_WORKERS) --rounds $(BENCH_ROUNDS) --lease $(BENCH_LEASE) --repeat $(BENCH_REPEAT)
+	bash Tests/scripts/with-server --server $(BENCH_SERVER) --max-locks 100000 -- .venv/bin/python Benchmarks/compare.py \
+		--go-bench .tools/bin/bench --bench "$$($(SWIFT) build -c release --show-bin-path)/dflockd-bench" \
+		--floor .build/dflockd-floor --window-us $(BENCH_WINDOW_US) \
+		--workers $(BENCH_WORKERS) --rounds $(BENCH_ROUNDS) --lease $(BENCH_LEASE) --repeat $(BENCH_REPEAT) \
+		--chart Benchmarks/results/bench-$(BENCH_SERVER).png --table Benchmarks/results/bench-$(BENCH_SERVER).txt \
+		--data Benchmarks/results/bench-$(BENCH_SERVER).json
 
 # One socket per held lock: the server and the client each need ulimit -n above BENCH_HOLDERS.
 bench-holders: setup bench-build
 	@echo "ulimit -n: $$(ulimit -n) (soft), $$(ulimit -Hn) (hard); $(BENCH_HOLDERS) holders need one socket each"
-	bash Tests/scripts/with-server --max-locks 20000 -- bash -c 'start=$$SECONDS; \
+	bash Tests/scripts/with-server --server $(BENCH_SERVER) --max-locks 20000 -- bash -c 'start=$$SECONDS; \
 		"$$0" --servers "127.0.0.1:$$DFLOCKD_PORT" --holders $(BENCH_HOLDERS) --hold-seconds $(BENCH_HOLD_SECONDS) --lease $(BENCH_LEASE); \
 		status=$$?; \
-		echo "  server, whole run   : $$(grep -c " cmd=n " "$$DFLOCKD_SERVER_LOG") renew requests in its log;" \
+		echo "  server, whole run   : $$(if [ "$$DFLOCKD_SERVER_KIND" = py ]; then grep -c " cmd=n " "$$DFLOCKD_SERVER_LOG"; else echo "(the Go server logs no)"; fi) renew requests in its log;" \
 			"$$(awk -v t=$$(getconf CLK_TCK) "{ printf \"%.1f\", (\$$14 + \$$15) / t }" /proc/$$DFLOCKD_SERVER_PID/stat) s CPU in $$((SECONDS - start)) s;" \
 			"load average $$(cut -d" " -f1-3 /proc/loadavg)"; \
 		exit $$status' "$$($(SWIFT) build -c release --show-bin-path)/dflockd-bench"

@@ -1,17 +1,28 @@
-"""Runs dflockd-bench and the Python client's benchmark on one server, one after the other,
-and prints one table: throughput, p50, p99 and client CPU per op of each, with the ratios.
+"""Runs every benchmark client on one dflockd server, interleaved, and prints one table with
+each client's ratios to the Go client (the dflockd project's own `cmd/bench`).
+
+Clients (all the same workload: N workers x M rounds of acquire + release, each worker on its
+own random key over one persistent connection):
+  go cmd/bench         .tools/bin/bench (built by `make setup` from github.com/mtingers/dflockd)
+  swift callbacks      dflockd-bench, completion handlers on the loop thread
+  swift --pipeline     dflockd-bench, release and next acquire written together
+  swift --api async    dflockd-bench, async/await
+  swift --api async-loop  dflockd-bench, async/await in tasks preferring the loop's executor
+  swift window Nus     dflockd-bench --batching-window-us N          (optional: --window-us)
+  python async         Benchmarks/python_bench.py, the PyPI dflockd-client
+  C floor              Benchmarks/floor/floor.c, bare epoll           (optional: --floor)
+
+Throughput, p50 and p99 are each client's own figures (it times its workers); client CPU per
+op is measured here, the same way for every client: the child's user + system time from
+wait4(2) (getrusage of the child, its whole life including start-up), divided by its ops. The
+server's CPU per op comes from /proc/<pid>/stat around each run.
 
 Run it under Tests/scripts/with-server (that is what `make bench` does): it reads the server's
-port from DFLOCKD_PORT and, when set, its process id from DFLOCKD_SERVER_PID, to show how busy
-the server was during each run (dflockd 0.5.0 is one Python process: near 100 % of a core
-means the server, not the client, set the pace).
+port from DFLOCKD_PORT, its pid from DFLOCKD_SERVER_PID and its kind from DFLOCKD_SERVER_KIND.
 
-    Tests/scripts/with-server --max-locks 100000 -- .venv/bin/python Benchmarks/compare.py \\
-        --bench .build/release/dflockd-bench --floor .build/dflockd-floor --workers 100 --rounds 500
-
-With --floor it also runs Benchmarks/floor/floor.c, the same workload with bare epoll and one
-write per request: the least CPU per op any client can spend here, almost all of it the
-kernel's loopback TCP, against which the CPU target is judged reachable or not.
+    Tests/scripts/with-server --server go --max-locks 100000 -- .venv/bin/python Benchmarks/compare.py \\
+        --go-bench .tools/bin/bench --bench .build/release/dflockd-bench --workers 100 --rounds 1000 \\
+        --chart Benchmarks/results/bench-go.png --table Benchmarks/results/bench-go.txt
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -26,6 +38,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+SERVER_NAMES = {"go": "dflockd 1.10.0 (Go)", "py": "dflockd 0.5.0 (Python)"}
 
 
 def server_cpu_s(pid: int | None) -> float | None:
@@ -48,166 +61,199 @@ def machine_ticks() -> tuple[int, int]:
     return sum(values) - idle, sum(values)
 
 
-def run(label: str, command: list[str], server_pid: int | None) -> dict:
+def parse_go_bench(text: str) -> dict:
+    """The figures of cmd/bench's text report ("  throughput: 48211.3 ops/s" etc.)."""
+    def figure(name: str) -> float:
+        match = re.search(rf"^\s*{name}\s*:\s*([0-9.]+)", text, re.MULTILINE)
+        if not match:
+            sys.exit(f"compare: cmd/bench printed no '{name}' line:\n{text}")
+        return float(match.group(1))
+    return {"total_ops": int(figure("total ops")), "throughput_ops_per_s": figure("throughput"),
+            "p50_ms": figure("p50"), "p99_ms": figure("p99")}
+
+
+def run(label: str, command: list[str], kind: str, server_pid: int | None) -> dict:
+    """Runs one client to completion; its figures, with CPU from wait4 of the child."""
     print(f"compare: {label}: {' '.join(command)}", file=sys.stderr, flush=True)
     cpu0 = server_cpu_s(server_pid)
     machine0 = machine_ticks()
     t0 = time.monotonic()
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    output = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
     elapsed = time.monotonic() - t0
     cpu1 = server_cpu_s(server_pid)
     machine1 = machine_ticks()
-    if done.returncode != 0:
-        sys.exit(f"compare: {label} failed with status {done.returncode}")
-    result = json.loads(done.stdout)
+    if child.returncode != 0:
+        sys.exit(f"compare: {label} failed with status {child.returncode}:\n{output}")
+    result = parse_go_bench(output) if kind == "go" else json.loads(output)
     result["label"] = label
+    result["client_cpu_s"] = usage.ru_utime + usage.ru_stime
+    result["cpu_us_per_op"] = result["client_cpu_s"] / result["total_ops"] * 1e6
     result["machine_busy"] = (machine1[0] - machine0[0]) / max(1, machine1[1] - machine0[1])
     if cpu0 is not None and cpu1 is not None:
         result["server_busy"] = (cpu1 - cpu0) / elapsed
         result["server_cpu_us_per_op"] = (cpu1 - cpu0) / result["total_ops"] * 1e6
     print(f"compare: {label}: {result['throughput_ops_per_s']:.1f} ops/s, p50 {result['p50_ms']:.3f} ms, "
-          f"p99 {result['p99_ms']:.3f} ms, CPU/op {result['cpu_us_per_op']:.2f} us, "
+          f"p99 {result['p99_ms']:.3f} ms, client CPU/op {result['cpu_us_per_op']:.2f} us, "
           f"all CPUs {result['machine_busy'] * 100:.0f} % busy", file=sys.stderr, flush=True)
     return result
 
 
 def median_of(results: list[dict]) -> dict:
-    """Each numeric figure's median over the runs, and the throughput's spread."""
+    """Each figure's median over the runs, with the throughput's and CPU/op's range."""
     merged = dict(results[0])
     for name, value in results[0].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             merged[name] = statistics.median(r[name] for r in results)
-    throughputs = [r["throughput_ops_per_s"] for r in results]
-    merged["throughput_range"] = (min(throughputs), max(throughputs))
+    for name in ("throughput_ops_per_s", "cpu_us_per_op"):
+        values = [r[name] for r in results]
+        merged[name + "_range"] = (min(values), max(values))
     return merged
+
+
+def table(runs: list[dict], go: dict, header_lines: list[str]) -> str:
+    lines = list(header_lines)
+    lines.append("")
+    head = (f"{'client':<22}{'ops/s':>9}{'[min..max]':>17}{'p50 ms':>8}{'p99 ms':>8}{'CPU/op us':>10}"
+            f"{'[min..max]':>15}{'srv CPU/op':>11}{'x go ops/s':>11}{'x go CPU/op':>12}")
+    lines.append(head)
+    lines.append("-" * len(head))
+    for r in runs:
+        low, high = r["throughput_ops_per_s_range"]
+        cpu_low, cpu_high = r["cpu_us_per_op_range"]
+        server = f"{r['server_cpu_us_per_op']:.1f} us" if "server_cpu_us_per_op" in r else "n/a"
+        lines.append(
+            f"{r['label']:<22}{r['throughput_ops_per_s']:>9.0f}{f'[{low:.0f}..{high:.0f}]':>17}"
+            f"{r['p50_ms']:>8.2f}{r['p99_ms']:>8.2f}{r['cpu_us_per_op']:>10.1f}"
+            f"{f'[{cpu_low:.1f}..{cpu_high:.1f}]':>15}{server:>11}"
+            f"{r['throughput_ops_per_s'] / go['throughput_ops_per_s']:>11.2f}"
+            f"{r['cpu_us_per_op'] / go['cpu_us_per_op']:>12.2f}")
+    lines.append("")
+    lines.append("ops/s, p50, p99: each client's own timing of its workers. CPU/op: the client process's user + "
+                 "system time (wait4 of the child, its whole life) / ops, the same for every client. srv CPU/op: "
+                 "the server process's CPU over the run / ops. x go: ratio to the go cmd/bench row (CPU/op below "
+                 "1 is less CPU than Go's client).")
+    return "\n".join(lines)
+
+
+def chart(runs: list[dict], title: str, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["label"] for r in runs]
+    colors = ["#4c72b0" if r["label"].startswith("go ") else "#dd8452" if r["label"].startswith("swift")
+              else "#55a868" if r["label"].startswith("python") else "#8c8c8c" for r in runs]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
+    for axis, name, unit in ((left, "throughput_ops_per_s", "ops/s (median, range of the runs)"),
+                             (right, "cpu_us_per_op", "client CPU per op, us (median, range)")):
+        values = [r[name] for r in runs]
+        low = [r[name] - r[name + "_range"][0] for r in runs]
+        high = [r[name + "_range"][1] - r[name] for r in runs]
+        axis.barh(labels, values, xerr=[low, high], color=colors, capsize=3)
+        axis.invert_yaxis()
+        axis.set_xlabel(unit)
+        axis.grid(axis="x", alpha=0.3)
+        # The value inside the bar's base, clear of the range whiskers at its end.
+        for y, value in enumerate(values):
+            axis.text(max(values) * 0.01, y, f"{value:,.0f}" if name.startswith("throughput") else f"{value:.1f}",
+                      va="center", ha="left", fontsize=8, color="white", fontweight="bold")
+        axis.margins(x=0.05)
+    right.set_yticklabels([])
+    fig.suptitle(title, fontsize=10)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"compare: chart written to {path}", file=sys.stderr)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", required=True, help="path of the dflockd-bench binary")
+    parser.add_argument("--go-bench", required=True, help="path of the Go cmd/bench binary (.tools/bin/bench)")
     parser.add_argument("--python", default=sys.executable, help="Python with dflockd-client installed")
     parser.add_argument("--floor", help="path of the floor binary built from Benchmarks/floor/floor.c")
     parser.add_argument("--window-us", type=int, default=300,
-                        help="batching window of the 'swift window' run (EventLoop(batchingWindow:))")
+                        help="batching window of the 'swift window' run (EventLoop(batchingWindow:)); 0: no such row")
     parser.add_argument("--workers", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=1000)
     parser.add_argument("--lease", type=int, default=10)
     parser.add_argument("--timeout", type=int, default=30)
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of each client, interleaved; the table shows each figure's median")
+    parser.add_argument("--chart", help="write a PNG chart of throughput and CPU per op here")
+    parser.add_argument("--table", help="also write the table (text) here")
+    parser.add_argument("--data", help="also write every run's figures (JSON) here")
+    parser.add_argument("--replot", metavar="DATA",
+                        help="draw --chart from a --data file of an earlier run, and run nothing")
     args = parser.parse_args()
+
+    if args.replot:
+        with open(args.replot) as f:
+            saved = json.load(f)
+        chart(saved["runs"], saved["title"], args.chart or os.path.splitext(args.replot)[0] + ".png")
+        return 0
 
     port = os.environ.get("DFLOCKD_PORT")
     if not port:
         sys.exit("compare: DFLOCKD_PORT is not set; run under Tests/scripts/with-server")
     pid_text = os.environ.get("DFLOCKD_SERVER_PID")
     server_pid = int(pid_text) if pid_text else None
-    common = ["--servers", f"127.0.0.1:{port}", "--workers", str(args.workers), "--rounds", str(args.rounds),
-              "--lease", str(args.lease), "--timeout", str(args.timeout), "--json"]
+    server_kind = os.environ.get("DFLOCKD_SERVER_KIND", "py")
+    servers = f"127.0.0.1:{port}"
+    shape = ["--workers", str(args.workers), "--rounds", str(args.rounds), "--lease", str(args.lease),
+             "--timeout", str(args.timeout)]
+    common = ["--servers", servers, *shape, "--json"]
 
-    window = ["--batching-window-us", str(args.window_us)]
     clients = [
-        ("swift callbacks", [args.bench, *common]),
-        (f"swift window {args.window_us}us", [args.bench, *common, *window]),
-        ("swift --pipeline", [args.bench, *common, "--pipeline"]),
-        ("swift --api async", [args.bench, *common, "--api", "async"]),
-        ("swift --api async-loop", [args.bench, *common, "--api", "async-loop"]),
-        ("python async", [args.python, os.path.join(HERE, "python_bench.py"), *common]),
+        ("go cmd/bench", "go", [args.go_bench, "--servers", servers, *shape]),
+        ("swift callbacks", "json", [args.bench, *common]),
+        ("swift --pipeline", "json", [args.bench, *common, "--pipeline"]),
+        ("swift --api async", "json", [args.bench, *common, "--api", "async"]),
+        ("swift --api async-loop", "json", [args.bench, *common, "--api", "async-loop"]),
     ]
+    if args.window_us > 0:
+        clients.append((f"swift window {args.window_us}us", "json",
+                        [args.bench, *common, "--batching-window-us", str(args.window_us)]))
+    clients.append(("python async", "json", [args.python, os.path.join(HERE, "python_bench.py"), *common]))
     if args.floor:
-        clients += [
-            ("C floor", [args.floor, *common]),
-            (f"C floor window {args.window_us}us", [args.floor, *common, *window]),
-        ]
-    # Interleaved, and each round starting with the next client, so that a change in the
-    # machine's other load falls on every client alike.
-    samples: dict[str, list[dict]] = {label: [] for label, _ in clients}
+        clients.append(("C floor", "json", [args.floor, *common]))
+    # Interleaved, each round starting with the next client, so that a change in the machine's
+    # other load falls on every client alike.
+    samples: dict[str, list[dict]] = {label: [] for label, _, _ in clients}
     for round_index in range(args.repeat):
         for offset in range(len(clients)):
-            label, command = clients[(round_index + offset) % len(clients)]
-            samples[label].append(run(label, command, server_pid))
-    runs = [median_of(samples[label]) for label, _ in clients]
-    swift, windowed, pipelined, python = runs[0], runs[1], runs[2], runs[4]
-    floors = [r for r in runs if r["label"].startswith("C floor")]
+            label, kind, command = clients[(round_index + offset) % len(clients)]
+            samples[label].append(run(label, command, kind, server_pid))
+    runs = [median_of(samples[label]) for label, _, _ in clients]
+    go = runs[0]
 
     load = os.getloadavg()
-    print()
-    print(f"workload: {args.workers} workers x {args.rounds} rounds of acquire + release, each worker on its own key "
-          f"and one persistent connection (lease {args.lease} s); each client run {args.repeat} times, interleaved: "
-          f"medians, throughput range in brackets")
-    print(f"server:   dflockd 0.5.0 (Python) on 127.0.0.1:{port}; machine: {os.cpu_count()} CPUs, "
-          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} after the runs")
-    print()
-    header = (f"{'client':<26}{'ops/s':>9}{'[min..max]':>17}{'p50 ms':>9}{'p99 ms':>9}{'CPU/op us':>11}"
-              f"{'server busy':>13}{'all CPUs busy':>15}")
-    print(header)
-    print("-" * len(header))
-    for r in runs:
-        busy = f"{r['server_busy'] * 100:.0f} %" if "server_busy" in r else "n/a"
-        low, high = r["throughput_range"]
-        spread = f"[{low:.0f}..{high:.0f}]"
-        print(f"{r['label']:<26}{r['throughput_ops_per_s']:>9.1f}{spread:>17}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}"
-              f"{r['cpu_us_per_op']:>11.2f}{busy:>13}{r['machine_busy'] * 100:>13.0f} %")
-    print("(server busy: the dflockd process's CPU time over the run, in % of one core; all CPUs busy: "
-          "the whole machine, every process, from /proc/stat)")
-    print()
-
-    def ratio(name: str, a: dict, b: dict) -> float:
-        return a[name] / b[name]
-
-    def ratios(a: dict, b: dict) -> str:
-        return (f"throughput x{ratio('throughput_ops_per_s', a, b):.2f}, p50 x{ratio('p50_ms', a, b):.2f}, "
-                f"p99 x{ratio('p99_ms', a, b):.2f}, CPU/op x{ratio('cpu_us_per_op', a, b):.3f} "
-                f"(1/{b['cpu_us_per_op'] / a['cpu_us_per_op']:.1f})")
-
-    print(f"{'swift callbacks / python async:':<40}{ratios(swift, python)}")
-    print(f"{windowed['label'] + ' / python async:':<40}{ratios(windowed, python)}")
-    print(f"{'swift --pipeline / callbacks:':<40}throughput x{ratio('throughput_ops_per_s', pipelined, swift):.2f}, "
-          f"CPU/op x{ratio('cpu_us_per_op', pipelined, swift):.3f}")
-    for floor in floors:
-        print(f"{floor['label'] + ' / python async:':<40}{ratios(floor, python)}")
-    print()
-    def at_least(a: dict, b: dict) -> str:
-        """A throughput target: met by the medians, or missed within or beyond the runs' spread."""
-        if a["throughput_ops_per_s"] >= b["throughput_ops_per_s"]:
-            return "met"
-        if a["throughput_range"][1] >= b["throughput_range"][0]:
-            return "NOT met by the medians, within the run-to-run spread"
-        return "NOT met"
-
-    cpu_limit = python["cpu_us_per_op"] / 8
-    best = min((swift, windowed, pipelined), key=lambda r: r["cpu_us_per_op"])
-    cpu_verdict = "met" if best["cpu_us_per_op"] <= cpu_limit else "NOT met"
-    cpu_verdict += f" (best: {best['label']}, {best['cpu_us_per_op']:.1f} us; limit {cpu_limit:.1f} us"
-    if floors:
-        lowest = min(floors, key=lambda r: r["cpu_us_per_op"])
-        reachable = "reachable" if lowest["cpu_us_per_op"] <= cpu_limit else "below what even the C floor spends"
-        cpu_verdict += f"; C floor at best {lowest['cpu_us_per_op']:.1f} us: the limit is {reachable}"
-    cpu_verdict += ")"
-    checks = [
-        ("client CPU per op <= 1/8 of python's", cpu_verdict),
-        ("throughput >= python's (callbacks)", at_least(swift, python)),
-        (f"throughput >= python's ({windowed['label']})", at_least(windowed, python)),
-        ("--pipeline no slower than without", at_least(pipelined, swift)),
+    server_name = SERVER_NAMES.get(server_kind, server_kind)
+    header = [
+        f"workload: {args.workers} workers x {args.rounds} rounds of acquire + release, each worker on its own key "
+        f"and one persistent connection (lease {args.lease} s); each client run {args.repeat} times, interleaved: "
+        f"medians, [min..max] of the runs",
+        f"server:   {server_name} on {servers}; machine: {os.cpu_count()} CPUs, "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} after the runs",
     ]
-    for name, verdict in checks:
-        print(f"  target {name:<46} {verdict}")
-    for r in (swift, windowed):
-        describe_server(r)
+    text = table(runs, go, header)
+    print()
+    print(text)
+    if args.table:
+        os.makedirs(os.path.dirname(os.path.abspath(args.table)), exist_ok=True)
+        with open(args.table, "w") as f:
+            f.write(text + "\n")
+    title = (f"{args.workers} workers x {args.rounds} rounds on {server_name}, "
+             f"{args.repeat} interleaved run{'s' if args.repeat != 1 else ''} each")
+    if args.data:
+        os.makedirs(os.path.dirname(os.path.abspath(args.data)), exist_ok=True)
+        with open(args.data, "w") as f:
+            json.dump({"title": title, "header": header, "runs": runs, "samples": samples}, f, indent=1)
+    if args.chart:
+        chart(runs, title, args.chart)
     return 0
-
-
-def describe_server(run: dict) -> None:
-    if "server_busy" in run:
-        if run["server_busy"] >= 0.8:
-            verdict = "the server sets the pace"
-        elif run["machine_busy"] >= 0.9:
-            verdict = "every CPU of the machine was busy: the server (and the clients) waited for CPU, not for each other"
-        else:
-            verdict = "the server had room to spare"
-        print(f"  during the {run['label']} run the server used {run['server_busy'] * 100:.0f} % of one core "
-              f"({run['server_cpu_us_per_op']:.0f} us of server CPU per op) and the machine was "
-              f"{run['machine_busy'] * 100:.0f} % busy: {verdict}")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ import Musl
 /// `$DFLOCKD_BENCH` when set.
 @Suite(.timeLimit(.minutes(2)))
 struct BenchSmokeTests {
-    @Test func throughputSmokeRunWritesJSON() throws {
-        let server = try RealServer.start()
+    @Test(arguments: ServerKind.allCases)
+    func throughputSmokeRunWritesJSON(on kind: ServerKind) throws {
+        let server = try RealServer.start(kind)
         let run = try runBench(["--servers", "127.0.0.1:\(server.port)", "--workers", "2", "--rounds", "5", "--json"])
         #expect(run.status == 0, "dflockd-bench exited with \(run.status); stderr: \(run.stderr)")
         let object = try #require(try JSONSerialization.jsonObject(with: Data(run.stdout.utf8)) as? [String: Any],
@@ -29,6 +30,22 @@ struct BenchSmokeTests {
         let p99 = try #require(object["p99_ms"] as? Double)
         let minimum = try #require(object["min_ms"] as? Double)
         #expect(minimum > 0 && minimum <= p50 && p50 <= p99)
+    }
+
+    /// `make bench` runs the Go client, `cmd/bench` built by `make setup`, and reads its text
+    /// report (Benchmarks/compare.py, parse_go_bench): the lines it reads must be there.
+    @Test func goBenchRunsAgainstTheGoServerAndReportsWhatCompareReads() throws {
+        let server = try RealServer.start(.go)
+        let binary = TestSupport.repoRoot.appendingPathComponent(".tools/bin/bench").path
+        guard FileManager.default.isExecutableFile(atPath: binary) else {
+            throw TestSupportError("the Go cmd/bench is missing at \(binary): run `make setup`")
+        }
+        let run = try runBench(["--servers", "127.0.0.1:\(server.port)", "--workers", "3", "--rounds", "4"], binary: binary)
+        #expect(run.status == 0, "cmd/bench exited with \(run.status); stderr: \(run.stderr)")
+        #expect(run.stdout.contains("total ops : 12"), "\(run.stdout)")
+        for label in ["throughput", "p50       ", "p99       "] {
+            #expect(run.stdout.contains("  \(label):"), "no '\(label)' line in \(run.stdout)")
+        }
     }
 
     @Test func pipelinedSmokeRunCountsEveryOp() throws {
@@ -103,8 +120,8 @@ struct BenchSmokeTests {
     }
 
     /// Runs the benchmark with `arguments` (posix_spawn + waitpid), capturing its output.
-    private func runBench(_ arguments: [String]) throws -> Run {
-        let binary = try benchBinary()
+    private func runBench(_ arguments: [String], binary: String? = nil) throws -> Run {
+        let binary = try binary ?? benchBinary()
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("bench-smoke-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: directory) }

@@ -1,6 +1,7 @@
-// Tests of `Connection`: against the real dflockd 0.5.0 server (RealServer) wherever it has
-// the feature, and against scripted peers replaying recorded exchanges where it does not
-// (auth, Go statuses) or where a misbehaving server is needed.
+// Tests of `Connection`: against both real servers, dflockd 0.5.0 (Python) and 1.10.0 (Go),
+// for everything both speak; against the Go one for what only it has (semaphores, stats, auth,
+// its statuses); against scripted peers only where a misbehaving server is needed or for what
+// neither speaks (2.x `ping`).
 import CUV
 import Foundation
 import Testing
@@ -219,16 +220,21 @@ private func heldElsewhere(_ key: String, port: Int) throws -> Bool {
 
 @Suite("ConnectionTests", .timeLimit(.minutes(2)))
 struct ConnectionTests {
-    /// One real server for the suite; tests use distinct keys. (Tests that kill a server start
-    /// their own.)
-    static let sharedServer: Result<RealServer, any Error> = Result { try RealServer.start(["--max-locks", "8192"]) }
-    var server: RealServer { get throws { try Self.sharedServer.get() } }
+    /// One real server of each kind for the suite; tests use distinct keys. (Tests that kill a
+    /// server start their own.)
+    static let sharedPython: Result<RealServer, any Error> = Result { try RealServer.start(.python, [.maxLocks(8192)]) }
+    static let sharedGo: Result<RealServer, any Error> = Result { try RealServer.start(.go, [.maxLocks(8192)]) }
+    /// The Python one, under the name the loop tests (and earlier tests) use.
+    static var sharedServer: Result<RealServer, any Error> { sharedPython }
+    func server(_ kind: ServerKind) throws -> RealServer {
+        try (kind == .python ? Self.sharedPython : Self.sharedGo).get()
+    }
 
     // MARK: Against the real server
 
-    @Test("acquire, renew and release, with the values the 0.5.0 server gives")
-    func acquireRenewRelease() async throws {
-        let port = try server.port
+    @Test("acquire, renew and release, with the values each server gives", arguments: ServerKind.allCases)
+    func acquireRenewRelease(on kind: ServerKind) async throws {
+        let port = try server(kind).port
         let key = "conn-basic"
         let connection = try Connection(port: port)
         defer { connection.close() }
@@ -238,9 +244,10 @@ struct ConnectionTests {
         #expect(isToken(grant.token), "\(grant.token)")
         #expect(try heldElsewhere(key, port: port))
 
-        // 0.5.0 answers a renew with the seconds remaining, rounded down.
-        #expect(try await connection.renew(key: key, token: grant.token) == 32)
-        #expect(try await connection.renew(key: key, token: grant.token, leaseTtlS: 45) == 44)
+        // 0.5.0 answers a renew with the seconds remaining, rounded down; 1.10 with the lease.
+        let roundedDown = kind == .python ? 1 : 0
+        #expect(try await connection.renew(key: key, token: grant.token) == 33 - roundedDown)
+        #expect(try await connection.renew(key: key, token: grant.token, leaseTtlS: 45) == 45 - roundedDown)
         #expect(try heldElsewhere(key, port: port))
 
         try await connection.release(key: key, token: grant.token)
@@ -259,9 +266,9 @@ struct ConnectionTests {
         #expect(try !heldElsewhere(key, port: port))
     }
 
-    @Test("a UTF-8 key is held and released")
-    func utf8Key() async throws {
-        let port = try server.port
+    @Test("a UTF-8 key is held and released", arguments: ServerKind.allCases)
+    func utf8Key(on kind: ServerKind) async throws {
+        let port = try server(kind).port
         let key = "conn-clé-锁"
         let connection = try Connection(port: port)
         defer { connection.close() }
@@ -274,9 +281,9 @@ struct ConnectionTests {
     /// The validation's longest key must be one the server accepts: otherwise a key that passes
     /// validation gets `error` and the connection closed. (dflockd 0.5.0 counts the line's `\n`
     /// against its 256-byte limit, so it accepts keys of at most 255 bytes.)
-    @Test("the longest key validation lets through is accepted by the 0.5.0 server")
-    func longestKey() async throws {
-        let port = try server.port
+    @Test("the longest key validation lets through is accepted by both servers", arguments: ServerKind.allCases)
+    func longestKey(on kind: ServerKind) async throws {
+        let port = try server(kind).port
         let key = String(repeating: "k", count: Validation.maximumLineBytes - 5) + "-long"
         #expect(key.utf8.count == Validation.maximumLineBytes)
         let connection = try Connection(port: port)
@@ -289,9 +296,9 @@ struct ConnectionTests {
         }
     }
 
-    @Test("try-lock (timeoutS 0) on a held key gives nil at once; a timeout gives nil after it")
-    func tryLockAndTimeout() async throws {
-        let port = try server.port
+    @Test("try-lock (timeoutS 0) on a held key gives nil at once; a timeout gives nil after it", arguments: ServerKind.allCases)
+    func tryLockAndTimeout(on kind: ServerKind) async throws {
+        let port = try server(kind).port
         let key = "conn-trylock"
         let holder = try Connection(port: port)
         let other = try Connection(port: port)
@@ -312,9 +319,9 @@ struct ConnectionTests {
         try await other.release(key: key, token: mine.token)
     }
 
-    @Test("two-phase: enqueue fast path, queued, wait timeout, wait granted on release")
-    func twoPhase() async throws {
-        let port = try server.port
+    @Test("two-phase: enqueue fast path, queued, wait timeout, wait granted on release", arguments: ServerKind.allCases)
+    func twoPhase(on kind: ServerKind) async throws {
+        let port = try server(kind).port
         let key = "conn-two"
         let a = try Connection(port: port)
         let b = try Connection(port: port)
@@ -342,18 +349,18 @@ struct ConnectionTests {
         #expect(try !heldElsewhere(key, port: port))
     }
 
-    @Test("wait without enqueue: notEnqueued, and the connection stays usable")
-    func waitWithoutEnqueue() async throws {
-        let connection = try Connection(port: try server.port)
+    @Test("wait without enqueue: notEnqueued, and the connection stays usable", arguments: ServerKind.allCases)
+    func waitWithoutEnqueue(on kind: ServerKind) async throws {
+        let connection = try Connection(port: try server(kind).port)
         defer { connection.close() }
         #expect(await lockError { try await connection.wait(key: "conn-never-enqueued", timeoutS: 1) } == .notEnqueued(key: "conn-never-enqueued"))
         let grant = try #require(try await connection.acquire(key: "conn-never-enqueued", timeoutS: 1))
         try await connection.release(key: "conn-never-enqueued", token: grant.token)
     }
 
-    @Test("FIFO: waiters get the key in the order they queued")
-    func fifoHandOver() async throws {
-        let port = try server.port
+    @Test("FIFO: waiters get the key in the order they queued", arguments: ServerKind.allCases)
+    func fifoHandOver(on kind: ServerKind) async throws {
+        let port = try server(kind).port
         let key = "conn-fifo"
         let a = try Connection(port: port)
         let b = try Connection(port: port)
@@ -379,9 +386,9 @@ struct ConnectionTests {
         #expect(try !heldElsewhere(key, port: port))
     }
 
-    @Test("FIFO with blocking acquires: the released key goes to the waiter queued first")
-    func fifoBlockingAcquire() async throws {
-        let port = try server.port
+    @Test("FIFO with blocking acquires: the released key goes to the waiter queued first", arguments: ServerKind.allCases)
+    func fifoBlockingAcquire(on kind: ServerKind) async throws {
+        let port = try server(kind).port
         let key = "conn-fifo-l"
         let a = try Connection(port: port)
         let b = try Connection(port: port)
@@ -402,9 +409,9 @@ struct ConnectionTests {
         try await c.release(key: key, token: cGrant.token)
     }
 
-    @Test("pipelining: requests issued in one loop turn each get their own reply, in order")
-    func pipelinedCompletions() async throws {
-        let port = try server.port
+    @Test("pipelining: requests issued in one loop turn each get their own reply, in order", arguments: ServerKind.allCases)
+    func pipelinedCompletions(on kind: ServerKind) async throws {
+        let port = try server(kind).port
         let connection = try Connection(port: port)
         defer { connection.close() }
         let k1 = "conn-pipe-1", k2 = "conn-pipe-2", k3 = "conn-pipe-3", k4 = "conn-pipe-4"
@@ -470,9 +477,9 @@ struct ConnectionTests {
         try await connection.release(key: k4, token: g4.token)
     }
 
-    @Test("pipelining: concurrent async calls on one connection each get their own reply")
-    func pipelinedAsync() async throws {
-        let port = try server.port
+    @Test("pipelining: concurrent async calls on one connection each get their own reply", arguments: ServerKind.allCases)
+    func pipelinedAsync(on kind: ServerKind) async throws {
+        let port = try server(kind).port
         let connection = try Connection(port: port)
         defer { connection.close() }
         let n = 40
@@ -495,11 +502,12 @@ struct ConnectionTests {
         }
     }
 
-    @Test("the server dying mid-request fails the pending call and every later one with connectionClosed")
-    func serverKilledMidRequest() async throws {
+    @Test("the server dying mid-request fails the pending call and every later one with connectionClosed",
+          arguments: ServerKind.allCases)
+    func serverKilledMidRequest(on kind: ServerKind) async throws {
         let loop = EventLoop()
         defer { loop.shutdown() }
-        let server = try RealServer.start()
+        let server = try RealServer.start(kind)
         let key = "conn-killed"
         let holder = try Connection(port: server.port, loop: loop)
         let waiter = try Connection(port: server.port, loop: loop)
@@ -525,9 +533,9 @@ struct ConnectionTests {
         await expectOnlyWakeupHandle(loop)
     }
 
-    @Test("close() fails pending calls with .closed, later calls too, and the server drops the session")
-    func closeWhilePending() async throws {
-        let port = try server.port
+    @Test("close() fails pending calls with .closed, later calls too, and the server drops the session", arguments: ServerKind.allCases)
+    func closeWhilePending(on kind: ServerKind) async throws {
+        let port = try server(kind).port
         let key = "conn-close"
         let holder = try Connection(port: port)
         let waiter = try Connection(port: port)
@@ -556,9 +564,9 @@ struct ConnectionTests {
     /// (0.5.0 serves a session's requests one at a time, so it notices the close only after
     /// the wait ends, which the release causes; a try-lock right after the release can race
     /// with that clean-up, hence the short acquire timeout rather than 0.)
-    @Test("a cancelled async wait throws .cancelled and the server drops the waiter")
-    func cancelledWait() async throws {
-        let port = try server.port
+    @Test("a cancelled async wait throws .cancelled and the server drops the waiter", arguments: ServerKind.allCases)
+    func cancelledWait(on kind: ServerKind) async throws {
+        let port = try server(kind).port
         let key = "conn-cancel"
         let holder = try Connection(port: port)
         let waiter = try Connection(port: port)
@@ -615,9 +623,9 @@ struct ConnectionTests {
         await expectOnlyWakeupHandle(loop)
     }
 
-    @Test("an async call on a task already cancelled fails with .cancelled")
-    func alreadyCancelled() async throws {
-        let connection = try Connection(port: try server.port)
+    @Test("an async call on a task already cancelled fails with .cancelled", arguments: ServerKind.allCases)
+    func alreadyCancelled(on kind: ServerKind) async throws {
+        let connection = try Connection(port: try server(kind).port)
         defer { connection.close() }
         let task = Task {
             withUnsafeCurrentTask { $0?.cancel() }
@@ -674,9 +682,9 @@ struct ConnectionTests {
         guard case .connectFailed? = error else { Issue.record("\(String(describing: error))"); return }
     }
 
-    @Test("host names are resolved; an unknown one gives resolveFailed")
-    func resolution() async throws {
-        let port = try server.port
+    @Test("host names are resolved; an unknown one gives resolveFailed", arguments: ServerKind.allCases)
+    func resolution(on kind: ServerKind) async throws {
+        let port = try server(kind).port
         let connection = try Connection(host: "localhost", port: port)
         defer { connection.close() }
         let grant = try #require(try await connection.acquire(key: "conn-localhost", timeoutS: 5))
@@ -739,9 +747,9 @@ struct ConnectionTests {
         try await peer.finish()
     }
 
-    @Test("completions run on the loop thread, after the call returned, even for invalid arguments")
-    func completionAfterReturn() async throws {
-        let connection = try Connection(port: try server.port)
+    @Test("completions run on the loop thread, after the call returned, even for invalid arguments", arguments: ServerKind.allCases)
+    func completionAfterReturn(on kind: ServerKind) async throws {
+        let connection = try Connection(port: try server(kind).port)
         defer { connection.close() }
         let loop = connection.loop
         let outcome = OneShot<(returned: Bool, onLoop: Bool, result: Result<Grant?, LockError>)>()
@@ -782,9 +790,9 @@ struct ConnectionTests {
         #expect(name { try Connection(host: "::1", port: 65535, auth: "s3 cret", connectTimeoutMs: 1, socketTimeoutMs: 10) } == nil)
     }
 
-    @Test("a connection dropped by its owner closes its socket, so the server releases its lock")
-    func droppedConnectionCloses() async throws {
-        let port = try server.port
+    @Test("a connection dropped by its owner closes its socket, so the server releases its lock", arguments: ServerKind.allCases)
+    func droppedConnectionCloses(on kind: ServerKind) async throws {
+        let port = try server(kind).port
         let key = "conn-dropped"
         func holdAndDrop() async throws {
             let connection = try Connection(port: port)
@@ -796,9 +804,9 @@ struct ConnectionTests {
         #expect(try raw.send("l", key, "5").hasPrefix("ok "), "the dropped connection still holds the lock")
     }
 
-    @Test("a connection dropped with a call outstanding still completes the call")
-    func droppedWhileBusy() async throws {
-        let port = try server.port
+    @Test("a connection dropped with a call outstanding still completes the call", arguments: ServerKind.allCases)
+    func droppedWhileBusy(on kind: ServerKind) async throws {
+        let port = try server(kind).port
         let result = OneShot<Result<Grant?, LockError>>()
         do {
             let connection = try Connection(port: port)
@@ -834,9 +842,9 @@ struct ConnectionTests {
         await expectOnlyWakeupHandle(loop)
     }
 
-    @Test("socketTimeoutMs allows a blocking acquire its own timeout, and does not fire while idle")
-    func socketTimeoutAllowsBlocking() async throws {
-        let port = try server.port
+    @Test("socketTimeoutMs allows a blocking acquire its own timeout, and does not fire while idle", arguments: ServerKind.allCases)
+    func socketTimeoutAllowsBlocking(on kind: ServerKind) async throws {
+        let port = try server(kind).port
         let key = "conn-sockto"
         let holder = try Connection(port: port)
         let other = try Connection(port: port, socketTimeoutMs: 600)
@@ -912,7 +920,9 @@ struct ConnectionTests {
 
     /// Every recorded exchange the client can produce, replayed through `Connection` against a
     /// scripted peer: one connection per client letter, every request issued at once
-    /// (pipelined), each completion checked against what its recorded reply means.
+    /// (pipelined), each completion checked against what its recorded reply means. A check of
+    /// the decoder against every reply the servers were recorded sending, byte for byte
+    /// (tokens, fractional stats); the servers' behaviour itself is tested live above.
     @Test("recorded exchanges replay through pipelined connections", arguments: Replay.all)
     func replay(_ replay: Replay) async throws {
         let peer = try ScriptedPeer(script: replay.script)
@@ -967,73 +977,33 @@ struct ConnectionTests {
         try await peer.finish()
     }
 
-    @Test("semaphore commands (go-1.10-core.txt) through the public API")
-    func semaphores() async throws {
-        let recorded = try #require(Replay.all.first { $0.file == "go-1.10-core.txt" && $0.title.hasPrefix("semaphore") })
-        let peer = try ScriptedPeer(script: recorded.script)
-        let a = try Connection(port: peer.port)
-        let b = try Connection(port: peer.port)
-        let c = try Connection(port: peer.port)
-        defer { a.close(); b.close(); c.close() }
-        try await a.connect(); try await b.connect(); try await c.connect()
+    // Semaphores and stats through Connection against the real Go server: SemaphoreTests and
+    // StatsTests.
 
-        let ga = try #require(try await a.acquireSemaphore(key: "pool", limit: 2, timeoutS: 5))
-        #expect(ga == Grant(token: "45d099c205a29b62451df05fe4fe68f5", leaseS: 33))
-        let gb = try #require(try await b.acquireSemaphore(key: "pool", limit: 2, timeoutS: 5, leaseTtlS: 30))
-        #expect(gb == Grant(token: "d87f09a122fcdb6ff8a32a5f12a45eb7", leaseS: 30))
-        #expect(try await c.acquireSemaphore(key: "pool", limit: 2, timeoutS: 0) == nil)
-        #expect(await lockError { try await c.acquireSemaphore(key: "pool", limit: 3, timeoutS: 0) } == .limitMismatch(key: "pool"))
-        #expect(await lockError { try await c.acquire(key: "pool", timeoutS: 0) } == .limitMismatch(key: "pool"))
-        #expect(try await a.renewSemaphore(key: "pool", token: ga.token) == 33)
-        #expect(try await a.renewSemaphore(key: "pool", token: ga.token, leaseTtlS: 40) == 40)
-        #expect(try await c.enqueueSemaphore(key: "pool", limit: 2) == .queued)
-        async let waited = c.waitSemaphore(key: "pool", timeoutS: 5)
-        try await a.releaseSemaphore(key: "pool", token: ga.token)
-        let gc = try #require(try await waited)
-        #expect(gc == Grant(token: "f9805161a99435a2f9b734234e4b5dcb", leaseS: 33))
-        try await c.releaseSemaphore(key: "pool", token: gc.token)
-        try await b.releaseSemaphore(key: "pool", token: gb.token)
-        #expect(await lockError { try await b.releaseSemaphore(key: "pool", token: gb.token) } == .notHeld(key: "pool"))
-        // the recording ends with `sl pool 5 0`, which the server refuses; the client refuses it first
-        let zero = await lockError { try await a.acquireSemaphore(key: "pool", limit: 0, timeoutS: 5) }
-        guard case .invalidArgument(name: "limit", _)? = zero else { Issue.record("\(String(describing: zero))"); return }
-        try await peer.finish()
-    }
-
-    @Test("stats (go-1.10-core.txt) through the public API")
-    func stats() async throws {
-        let peer = try ScriptedPeer(transcript: "go-1.10-core.txt", section: "stats")
-        let a = try Connection(port: peer.port)
-        let b = try Connection(port: peer.port)
-        let s = try Connection(port: peer.port)
-        defer { a.close(); b.close(); s.close() }
-        try await a.connect(); try await b.connect(); try await s.connect()
-        let ga = try #require(try await a.acquire(key: "s1", timeoutS: 5))
-        async let waited = b.acquire(key: "s1", timeoutS: 5)
-        let stats = try await s.stats()
-        #expect(stats.connections == 3)
-        #expect(stats.locks == [ServerStats.LockInfo(key: "s1", ownerConnId: 20, leaseExpiresInS: 32.799063312, waiters: 1)])
-        #expect(stats.semaphores.isEmpty)
-        #expect(stats.idleLocks.count == 7)
-        #expect(stats.idleLocks.contains(ServerStats.IdleInfo(key: "clé-锁", idleS: 0.403538947)))
-        #expect(stats.idleSemaphores == [ServerStats.IdleInfo(key: "pool", idleS: 0.201914348)])
-        try await a.release(key: "s1", token: ga.token)
-        let gb = try #require(try await waited)
-        #expect(gb == Grant(token: "b8b6bf1b7107a1570e336f40bb207ac0", leaseS: 33))
-        try await b.release(key: "s1", token: gb.token)
-        try await peer.finish()
-    }
-
-    @Test("ping on a 1.10 server: `error`, which is fatal for the connection")
+    /// 1.10 has no `ping` (1.14+): it answers `error` and, as after any refused request, keeps
+    /// the connection open. A user who pings to probe the server must not lose the locks that
+    /// connection holds.
+    @Test("ping on the real 1.10 server: serverError, and the connection and its locks survive")
     func pingOnOldServer() async throws {
-        let peer = try ScriptedPeer(transcript: "go-1.10-core.txt", section: "ping")
-        let connection = try Connection(port: peer.port)
+        let server = try RealServer.start(.go)
+        let connection = try Connection(port: server.port)
         defer { connection.close() }
+        let held = try #require(try await connection.acquire(key: "ping-held", timeoutS: 5))
         #expect(await lockError { try await connection.ping() } == .serverError(command: "ping", key: "_"))
-        #expect(await lockError { try await connection.ping() } == .serverError(command: "ping", key: "_"))
-        try await peer.finish()
+        // KNOWN LIBRARY BUG (Connection): a plain `error` reply is treated as fatal and the client
+        // closes the connection, so the server releases the lock. Being fixed on another branch;
+        // when it lands this block records no issue, withKnownIssue then fails the test, and
+        // the wrapper must go.
+        let renewal = await lockError { try await connection.renew(key: "ping-held", token: held.token) }
+        let stillHeld = try heldElsewhere("ping-held", port: server.port)
+        withKnownIssue("Connection closes itself after a plain `error` reply that 1.10 does not close on") {
+            #expect(stillHeld, "the server kept the connection and its lock")
+            #expect(renewal == nil, "the connection is still usable after the server refused ping")
+        }
+        _ = await lockError { try await connection.release(key: "ping-held", token: held.token) }
     }
 
+    /// Replayed: only 2.x servers answer `ping`, and neither server here is 2.x.
     @Test("ping on a 2.x server")
     func ping() async throws {
         let peer = try ScriptedPeer(script: """
@@ -1049,43 +1019,44 @@ struct ConnectionTests {
         try await peer.finish()
     }
 
-    @Test("auth (go-1.10-auth.txt): no secret and a wrong one give authFailed, the right one works")
+    @Test("auth on the real Go server: no secret and a wrong one give authFailed, the right one works")
     func auth() async throws {
         let loop = EventLoop()
         defer { loop.shutdown() }
-        let peer = try ScriptedPeer(transcript: "go-1.10-auth.txt", section: "auth: command before auth, wrong token, right token")
-        let noSecret = try Connection(port: peer.port, loop: loop)
+        let server = try RealServer.start(.go, [.authToken("s3cret")])
+        let noSecret = try Connection(port: server.port, loop: loop)
         defer { noSecret.close() }
         #expect(await lockError { try await noSecret.acquire(key: "k", timeoutS: 5) } == .authFailed)
 
-        let wrong = try Connection(port: peer.port, auth: "wrong", loop: loop)
+        let wrong = try Connection(port: server.port, auth: "wrong", loop: loop)
         defer { wrong.close() }
         #expect(await lockError { try await wrong.connect() } == .authFailed)
         #expect(await lockError { try await wrong.acquire(key: "k", timeoutS: 5) } == .authFailed)
 
-        let right = try Connection(port: peer.port, auth: "s3cret", loop: loop)
+        let right = try Connection(port: server.port, auth: "s3cret", loop: loop)
         defer { right.close() }
         let grant = try #require(try await right.acquire(key: "k", timeoutS: 5))
-        #expect(grant == Grant(token: "944852e4fbb1fdb042c600c23f0c9c7f", leaseS: 33))
+        #expect(isToken(grant.token) && grant.leaseS == 33)
         try await right.release(key: "k", token: grant.token)
-        try await peer.finish()
         right.close()
         await expectOnlyWakeupHandle(loop)
     }
 
-    @Test("a wrong secret fails the calls waiting behind the auth with authFailed")
+    @Test("a wrong secret fails the calls waiting behind the auth with authFailed (real Go server)")
     func authFailsPendingCalls() async throws {
-        let peer = try ScriptedPeer(script: """
-            A > b'auth\\n_\\nwrong\\n'
-            A < error_auth
-            A ~ closed by server
-            """)
-        let connection = try Connection(port: peer.port, auth: "wrong")
+        let server = try RealServer.start(.go, [.authToken("s3cret")])
+        let connection = try Connection(port: server.port, auth: "wrong")
         defer { connection.close() }
-        #expect(await lockError { try await connection.acquire(key: "k", timeoutS: 5) } == .authFailed)
-        try await peer.finish()
+        let first = OneShot<Result<Grant?, LockError>>()
+        let second = OneShot<Result<Grant?, LockError>>()
+        connection.acquire(key: "k", timeoutS: 5) { first.fulfil($0) }
+        connection.acquire(key: "k2", timeoutS: 5) { second.fulfil($0) }
+        #expect(try #require(await first.value()) == .failure(.authFailed))
+        #expect(try #require(await second.value()) == .failure(.authFailed))
     }
 
+    /// Replayed: the peer holds back `error_auth` until the client has called connect(), an
+    /// ordering no real server can be made to keep.
     /// `connect()` promises a connection that is ready, authenticated when a secret is set. Called
     /// while the auth sent by an earlier request is still unanswered, it must wait for the answer.
     @Test("connect() during an unanswered auth waits for its outcome")
@@ -1119,28 +1090,26 @@ struct ConnectionTests {
         try await peer.finish()
     }
 
-    @Test("Go statuses (go-1.10-caps.txt) map to their errors and keep the connection usable")
+    @Test("Go statuses on the real server (--max-locks 1 --max-waiters 1) map to their errors and keep the connection usable")
     func capsStatuses() async throws {
-        let peer = try ScriptedPeer(transcript: "go-1.10-caps.txt", section: "caps: --max-locks 1 and --max-waiters 1")
-        let a = try Connection(port: peer.port)
-        let b = try Connection(port: peer.port)
-        let c = try Connection(port: peer.port)
+        let server = try RealServer.start(.go, [.maxLocks(1), .maxWaiters(1)])
+        let a = try Connection(port: server.port)
+        let b = try Connection(port: server.port)
+        let c = try Connection(port: server.port)
         defer { a.close(); b.close(); c.close() }
-        // connections are bound to the script's letters in the order they are accepted
-        try await a.connect()
-        try await b.connect()
-        try await c.connect()
         let held = try #require(try await a.acquire(key: "one", timeoutS: 5))
-        #expect(held == Grant(token: "f870db5f00c140396c414031e9323ae2", leaseS: 33))
         #expect(await lockError { try await a.acquire(key: "two", timeoutS: 5) } == .maxLocks(key: "two"))
-        async let bGot = b.acquire(key: "one", timeoutS: 5)
+        #expect(try await b.enqueue(key: "one") == .queued)
         #expect(await lockError { try await c.acquire(key: "one", timeoutS: 5) } == .maxWaiters(key: "one"))
         #expect(await lockError { try await c.enqueue(key: "one") } == .maxWaiters(key: "one"))
+        #expect(try await a.renew(key: "one", token: held.token) == 33, "a is still usable after error_max_locks")
+        async let bGot = b.wait(key: "one", timeoutS: 5)
         try await a.release(key: "one", token: held.token)
         let bGrant = try #require(try await bGot)
-        #expect(bGrant == Grant(token: "c08915379543b5aaa6694f9197de947b", leaseS: 33))
+        #expect(isToken(bGrant.token))
         try await b.release(key: "one", token: bGrant.token)
-        try await peer.finish()
+        let cGrant = try #require(try await c.acquire(key: "one", timeoutS: 5), "c is still usable after error_max_waiters")
+        try await c.release(key: "one", token: cGrant.token)
     }
 
     @Test("a reply with no request outstanding is a protocol violation that closes the connection")
@@ -1228,9 +1197,9 @@ struct ConnectionTests {
 
     /// 1,000 connections opened, used and closed on one loop leave no descriptor and no libuv
     /// handle behind.
-    @Test("1,000 connections leave no file descriptors and no libuv handles behind")
-    func noLeaks() async throws {
-        let server = try RealServer.start(["--max-locks", "4096"])
+    @Test("1,000 connections leave no file descriptors and no libuv handles behind", arguments: ServerKind.allCases)
+    func noLeaks(on kind: ServerKind) async throws {
+        let server = try RealServer.start(kind, [.maxLocks(4096)])
         let loop = EventLoop()
         defer { loop.shutdown() }
         #expect(await LoopProbe.handles(loop) == ["async"])

@@ -26,14 +26,7 @@ struct LockTests {
         /// What another client sees: `timeout` while the key is held, a grant (released at once)
         /// when it is free.
         func isHeldElsewhere(_ key: String, port: Int? = nil) throws -> Bool {
-            let client = try RawClient(port: port ?? server.port)
-            defer { client.close() }
-            let reply = try client.send("l", key, "0")
-            if reply == "timeout" { return true }
-            let fields = reply.split(separator: " ")
-            #expect(fields.first == "ok", "unexpected reply \(reply)")
-            _ = try client.send("r", key, String(fields[1]))
-            return false
+            try isHeld(key, port: port ?? server.port)
         }
     }
 

@@ -565,16 +565,7 @@ struct TLSBed: Sendable {
     /// through a TLS connection of this library, verified against the test CA.
     func isHeld(_ key: String) async throws -> Bool {
         if let plainServer {
-            return try await offThePool {
-                let client = try RawClient(port: plainServer.port)
-                defer { client.close() }
-                let reply = try client.send("l", key, "0")
-                if reply == "timeout" { return true }
-                let fields = reply.split(separator: " ")
-                #expect(fields.first == "ok", "unexpected reply \(reply)")
-                _ = try client.send("r", key, String(fields[1]))
-                return false
-            }
+            return try await offThePool { try DflockdClientTests.isHeld(key, port: plainServer.port) }
         }
         let connection = try Connection(port: tlsPort, tls: TLSOptions(caFile: caFile), connectTimeoutMs: 10_000)
         defer { connection.close() }

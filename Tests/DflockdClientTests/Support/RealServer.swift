@@ -77,6 +77,8 @@ final class RealServer: @unchecked Sendable, CustomStringConvertible {
 
     static var venvDirectory: URL { TestSupport.repoRoot.appendingPathComponent(".venv", isDirectory: true) }
     static var pythonPath: String { venvDirectory.appendingPathComponent("bin/python").path }
+    /// The Python server's executable (`ServerKind.python.executablePath`).
+    static var dflockdPath: String { ServerKind.python.executablePath }
 
     var description: String { "\(kind) on 127.0.0.1:\(port)" }
 

@@ -46,8 +46,8 @@ enum ServerKind: String, CaseIterable, Sendable, CustomStringConvertible, Custom
     /// How long the server waits for a line before closing a silent connection (`--read-timeout`):
     /// 23 s on both.
     var defaultReadTimeoutSeconds: Int { 23 }
-    /// Distinct keys the server keeps at once before refusing new ones (`--max-locks`): 1024 on both
-    /// (0.5.0 answers `error`, 1.10 `error_max_locks`).
+    /// Distinct keys the server keeps at once before answering `error_max_locks` (`--max-locks`):
+    /// 1024 on both.
     var defaultMaxLocks: Int { 1024 }
     /// Whether a refused request (`error`) also ends the connection.
     var closesConnectionOnError: Bool { self == .python }
