@@ -19,8 +19,10 @@ extension EventLoop {
     /// ``LockError/cancelled``. When the loop has shut down the call throws
     /// ``LockError/eventLoopShutDown`` and `start` never runs.
     ///
-    /// One allocation per call: the ``LoopCall`` (the completion handed to `start` captures only
-    /// it; the continuation lives in the task).
+    /// The bridge allocates one object per call, the ``LoopCall``: the completion handed to
+    /// `start` captures only it, the continuation lives in the task, and the hop to the loop
+    /// (when there is one) captures only it too. The caller's `start` closure is the other
+    /// allocation of an async call.
     nonisolated(nonsending)
     func bridge<Value: Sendable>(_ start: @escaping (_ completion: @escaping (Result<Value, LockError>) -> Void) -> Void,
                                  onCancel: @Sendable () -> Void) async throws -> Value {
