@@ -190,6 +190,33 @@ struct ExecutorTests {
         #expect(await early.value == .cancelled)
     }
 
+    @Test("the bridge: a cancelled task never starts an operation, unless it must start even then; either way it resumes")
+    func bridgeAndCancellation() async throws {
+        let loop = EventLoop()
+        defer { loop.shutdown() }
+        for startsWhenCancelled in [false, true] {
+            for onLoop in [false, true] {
+                let started = ThreadLock(false)
+                let body = { () async -> Result<Int, LockError> in
+                    withUnsafeCurrentTask { $0?.cancel() }
+                    do {
+                        let value: Int = try await loop.bridge(startsWhenCancelled: startsWhenCancelled, { completion in
+                            started.withLock { $0 = true }
+                            loop.runLater { completion(.success(7)) }
+                        }, onCancel: {})
+                        return .success(value)
+                    } catch {
+                        return .failure(error as? LockError ?? .closed)
+                    }
+                }
+                let result = onLoop ? await Task(executorPreference: loop) { await body() }.value : await Task { await body() }.value
+                let label = "startsWhenCancelled \(startsWhenCancelled), on the loop \(onLoop)"
+                #expect(started.withLock { $0 } == startsWhenCancelled, "\(label)")
+                #expect(result == (startsWhenCancelled ? .success(7) : .failure(.cancelled)), "\(label)")
+            }
+        }
+    }
+
     @Test("jobs enqueued on a borrowed loop before it runs keep uv_run going until they have run")
     func borrowedLoopRunsJobsEnqueuedBeforeItRuns() async throws {
         let port = try server.port

@@ -16,34 +16,37 @@ extension EventLoop {
     /// Cancellation: `onCancel` runs (on the cancelling thread) when the task is cancelled while
     /// the call is in flight, and should end the operation, which then completes with its
     /// error. A task cancelled before `start` ran never starts it: the call throws
-    /// ``LockError/cancelled``. When the loop has shut down the call throws
-    /// ``LockError/eventLoopShutDown`` and `start` never runs.
+    /// ``LockError/cancelled``; unless `startsWhenCancelled`, for an operation that must happen
+    /// even then (a release from a cancelled task), which starts regardless. When the loop has
+    /// shut down the call throws ``LockError/eventLoopShutDown`` and `start` never runs.
     ///
     /// The bridge allocates one object per call, the ``LoopCall``: the completion handed to
     /// `start` captures only it, the continuation lives in the task, and the hop to the loop
     /// (when there is one) captures only it too. The caller's `start` closure is the other
     /// allocation of an async call.
     nonisolated(nonsending)
-    func bridge<Value: Sendable>(_ start: @escaping (_ completion: @escaping (Result<Value, LockError>) -> Void) -> Void,
+    func bridge<Value: Sendable>(startsWhenCancelled: Bool = false,
+                                 _ start: @escaping (_ completion: @escaping (Result<Value, LockError>) -> Void) -> Void,
                                  onCancel: @Sendable () -> Void) async throws -> Value {
         // A job the loop runs as a task executor belongs to a task that prefers the loop: it
         // resumes there already.
         guard inEventLoop, !runQueue.isRunningTaskJob else {
-            return try await suspend(start, onCancel: onCancel)
+            return try await suspend(startsWhenCancelled, start, onCancel: onCancel)
         }
         // A continuation resumes its task on the task's executor (the global pool when it has
         // no preference), and an actor's code then hops to the actor: two hops for an actor on
         // the loop. Preferring the loop for the length of the call makes the resume land in
         // the loop's run queue, where the actor, whose executor is the loop, goes on at once.
         return try await withTaskExecutorPreference(self) {
-            try await suspend(start, onCancel: onCancel)
+            try await suspend(startsWhenCancelled, start, onCancel: onCancel)
         }
     }
 
     nonisolated(nonsending)
-    private func suspend<Value: Sendable>(_ start: @escaping (_ completion: @escaping (Result<Value, LockError>) -> Void) -> Void,
+    private func suspend<Value: Sendable>(_ startsWhenCancelled: Bool,
+                                          _ start: @escaping (_ completion: @escaping (Result<Value, LockError>) -> Void) -> Void,
                                           onCancel: @Sendable () -> Void) async throws -> Value {
-        let call = LoopCall<Value>()
+        let call = LoopCall<Value>(startsWhenCancelled: startsWhenCancelled)
         return try await withTaskCancellationHandler {
             try await withUnsafeThrowingContinuation { continuation in
                 call.begin(continuation, start, on: self)
@@ -55,7 +58,7 @@ extension EventLoop {
     }
 }
 
-/// One async call in flight through ``EventLoop/bridge(_:onCancel:)``: the suspended task's
+/// One async call in flight through ``EventLoop/bridge(startsWhenCancelled:_:onCancel:)``: the suspended task's
 /// continuation, resumed exactly once, and whether the task was cancelled before the operation
 /// started.
 final class LoopCall<Value: Sendable>: @unchecked Sendable {
@@ -64,6 +67,11 @@ final class LoopCall<Value: Sendable>: @unchecked Sendable {
     private var start: ((@escaping (Result<Value, LockError>) -> Void) -> Void)?
     // Any thread.
     private let cancelled = Atomic<Bool>(false)
+    private let startsWhenCancelled: Bool
+
+    init(startsWhenCancelled: Bool) {
+        self.startsWhenCancelled = startsWhenCancelled
+    }
 
     func begin(_ continuation: UnsafeContinuation<Value, any Error>,
                _ start: @escaping (@escaping (Result<Value, LockError>) -> Void) -> Void,
@@ -92,7 +100,7 @@ final class LoopCall<Value: Sendable>: @unchecked Sendable {
     }
 
     private func startIfNotCancelled(_ start: (@escaping (Result<Value, LockError>) -> Void) -> Void) {
-        if cancelled.load(ordering: .acquiring) {
+        if !startsWhenCancelled, cancelled.load(ordering: .acquiring) {
             resume(.failure(.cancelled))
         } else {
             start { self.resume($0) }
