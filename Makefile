@@ -93,7 +93,7 @@ demo: setup
 
 # Every program in Examples/. LockLost waits for the server to drop a silent connection, so it
 # gets a server with a 3-second read timeout instead of the default 23 s.
-EXAMPLES = Quickstart Callbacks TwoPhase LockLost Sharding Semaphore Embedded EmbeddedServer Demo
+EXAMPLES = Quickstart Callbacks TwoPhase LockLost Sharding Semaphore Embedded EmbeddedServer ActorService Demo
 server_flags = $(if $(filter LockLost,$(1)),--read-timeout 3)
 
 example: setup

@@ -31,7 +31,10 @@ let package = Package(
                 "CUV",
                 "COpenSSL",
                 .product(name: "DequeModule", package: "swift-collections"),
-            ]
+            ],
+            // Async methods run on their caller's executor (SE-0461): an actor or task on the
+            // loop's executor calls into the library without leaving the loop thread.
+            swiftSettings: [.enableUpcomingFeature("NonisolatedNonsendingByDefault")]
         ),
         .executableTarget(
             name: "Demo",
@@ -77,6 +80,11 @@ let package = Package(
             name: "EmbeddedServer",
             dependencies: ["DflockdClient", "CUV"],
             path: "Examples/EmbeddedServer"
+        ),
+        .executableTarget(
+            name: "ActorService",
+            dependencies: ["DflockdClient"],
+            path: "Examples/ActorService"
         ),
         .executableTarget(
             name: "DflockdBench",

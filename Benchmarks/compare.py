@@ -7,6 +7,7 @@ own random key over one persistent connection):
   swift callbacks      dflockd-bench, completion handlers on the loop thread
   swift --pipeline     dflockd-bench, release and next acquire written together
   swift --api async    dflockd-bench, async/await
+  swift --api async-loop  dflockd-bench, async/await in tasks preferring the loop's executor
   swift window Nus     dflockd-bench --batching-window-us N          (optional: --window-us)
   python async         Benchmarks/python_bench.py, the PyPI dflockd-client
   C floor              Benchmarks/floor/floor.c, bare epoll           (optional: --floor)
@@ -210,6 +211,7 @@ def main() -> int:
         ("swift callbacks", "json", [args.bench, *common]),
         ("swift --pipeline", "json", [args.bench, *common, "--pipeline"]),
         ("swift --api async", "json", [args.bench, *common, "--api", "async"]),
+        ("swift --api async-loop", "json", [args.bench, *common, "--api", "async-loop"]),
     ]
     if args.window_us > 0:
         clients.append((f"swift window {args.window_us}us", "json",

@@ -15,6 +15,10 @@ struct BenchCommand: ParsableCommand {
             (total ops, wall time, throughput, mean, min, max, p50, p99, stdev), then the client's \
             CPU time per op and peak RSS.
 
+            Connection micro-benchmark (--connection-micro): one persistent Connection, \
+            --micro-rounds sequential acquire + release through completion handlers and through async \
+            calls on the loop's executor, alternated, in one process: the CPU of each and the ratio.
+
             Holders mode (--holders N) holds N DistributedLocks at once on one event loop thread \
             for --hold-seconds while they renew their leases, and reports time to acquire all, \
             renewals done and failed, CPU per renewal and RSS per held lock.
@@ -49,7 +53,7 @@ struct BenchCommand: ParsableCommand {
     @Flag(help: "Send each release and the next acquire back to back, without waiting for the release reply.")
     var pipeline = false
 
-    @Option(help: "Client API: 'callbacks' (completion handlers on the loop thread) or 'async' (async/await, one thread hop per call).")
+    @Option(help: "Client API: 'callbacks' (completion handlers on the loop thread), 'async' (async/await from the global pool: a hop to the loop and back per call) or 'async-loop' (async/await in tasks preferring the loop's executor: no hop).")
     var api = ClientAPI.callbacks
 
     @Option(help: "Event loop batching window in microseconds: after a turn that read from several connections, wait this long before polling again (EventLoop(batchingWindow:)); 0 = off.")
@@ -57,6 +61,17 @@ struct BenchCommand: ParsableCommand {
 
     @Flag(help: "Write the result as JSON on standard output.")
     var json = false
+
+    // MARK: Connection micro-benchmark
+
+    @Flag(help: "Connection micro-benchmark: on one persistent Connection, --micro-rounds sequential acquire + release through completion handlers, then the same through async calls on the loop's executor, alternated --micro-repeat times; reports the CPU of each and their ratio.")
+    var connectionMicro = false
+
+    @Option(help: "Connection micro-benchmark: acquire + release rounds per run.")
+    var microRounds = 3000
+
+    @Option(help: "Connection micro-benchmark: runs of each style (alternated; medians reported).")
+    var microRepeat = 5
 
     // MARK: Holders
 
@@ -83,8 +98,13 @@ struct BenchCommand: ParsableCommand {
         if pipeline && contended {
             throw ValidationError("--pipeline applies to uncontended keys only: a worker on a shared key cannot send its next acquire before the others had their turn")
         }
-        if pipeline && api == .async {
+        if pipeline && api != .callbacks {
             throw ValidationError("--pipeline needs --api callbacks: two async calls in flight from one task give no order on the wire")
+        }
+        if connectionMicro {
+            guard microRounds >= 1 else { throw ValidationError("--micro-rounds must be at least 1") }
+            guard microRepeat >= 1 else { throw ValidationError("--micro-repeat must be at least 1") }
+            guard holders == nil else { throw ValidationError("--connection-micro and --holders are separate modes: choose one") }
         }
         if let holders {
             guard holders >= 1 else { throw ValidationError("--holders must be at least 1") }
@@ -96,7 +116,12 @@ struct BenchCommand: ParsableCommand {
 
     func run() throws {
         let servers = try parsedServers()
-        if let holders {
+        if connectionMicro {
+            let settings = ConnectionMicroBenchmark.Settings(rounds: microRounds, repeats: microRepeat, key: key, timeoutS: timeout,
+                                                             leaseTtlS: lease > 0 ? lease : nil, server: servers[0])
+            let result = try ConnectionMicroBenchmark(settings: settings).run()
+            writeAll(json ? result.json(settings).text : result.text(settings), to: 1)
+        } else if let holders {
             let settings = HoldersBenchmark.Settings(holders: holders, holdSeconds: holdSeconds, leaseTtlS: lease > 0 ? lease : nil,
                                                      renewRatio: renewRatio, timeoutS: timeout, keyPrefix: key,
                                                      servers: servers, concurrency: acquireConcurrency,
@@ -124,6 +149,7 @@ struct BenchCommand: ParsableCommand {
 
 enum ClientAPI: String, ExpressibleByArgument, CaseIterable {
     case callbacks, async
+    case asyncLoop = "async-loop"
 }
 
 /// One `host:port` from `--servers` (`[v6-literal]:port` too).

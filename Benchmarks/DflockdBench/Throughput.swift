@@ -70,7 +70,8 @@ final class ThroughputBenchmark: @unchecked Sendable {
             startNs = monotonicNanoseconds()
             switch settings.api {
             case .callbacks: startCallbackWorkers(keys: workerKeys)
-            case .async: startAsyncWorkers(keys: workerKeys)
+            case .async: startAsyncWorkers(keys: workerKeys, onLoopExecutor: false)
+            case .asyncLoop: startAsyncWorkers(keys: workerKeys, onLoopExecutor: true)
             }
         }
         progress.wait(for: done) {
@@ -153,7 +154,9 @@ final class ThroughputBenchmark: @unchecked Sendable {
 
     // MARK: - Async workers
 
-    private func startAsyncWorkers(keys: [String]) {
+    /// With `onLoopExecutor`, the workers' tasks prefer the loop as their executor: each call
+    /// starts on the loop thread and each await resumes there, no thread hop at all.
+    private func startAsyncWorkers(keys: [String], onLoopExecutor: Bool) {
         let workers = keys.enumerated().map { index, key in
             let workerConnections = connections(for: key)
             connections += workerConnections
@@ -175,7 +178,12 @@ final class ThroughputBenchmark: @unchecked Sendable {
                 if failure == nil { finishRun() }
             }
         }
-        Task.detached { await runWorkers() }
+        if onLoopExecutor {
+            // Child tasks inherit the preference.
+            Task(executorPreference: loop) { await runWorkers() }
+        } else {
+            Task.detached { await runWorkers() }
+        }
     }
 }
 
@@ -257,7 +265,8 @@ private final class CallbackWorker {
     }
 }
 
-/// One worker as an async task: each call hops to the loop thread and back.
+/// One worker as an async task: each call hops to the loop thread and back, unless the task
+/// prefers the loop's executor (`--api async-loop`).
 private struct AsyncWorker: Sendable {
     enum Outcome: Sendable {
         case finished(LatencyRecorder)

@@ -72,6 +72,35 @@ struct BenchSmokeTests {
         #expect(refused.stderr.contains("--batching-window-us must be between 0 and 10000"), "stderr: \(refused.stderr)")
     }
 
+    @Test func asyncLoopSmokeRunCountsEveryOpAndSaysSo() throws {
+        let server = try RealServer.start(.go)
+        let run = try runBench(["--servers", "127.0.0.1:\(server.port)", "--workers", "6", "--rounds", "5",
+                                "--api", "async-loop", "--json"])
+        #expect(run.status == 0, "dflockd-bench exited with \(run.status); stderr: \(run.stderr)")
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(run.stdout.utf8)) as? [String: Any])
+        #expect(object["total_ops"] as? Int == 30)
+        #expect(object["api"] as? String == "async-loop")
+
+        let refused = try runBench(["--servers", "127.0.0.1:\(server.port)", "--api", "async-loop", "--pipeline"])
+        #expect(refused.status != 0)
+        #expect(refused.stderr.contains("--pipeline needs --api callbacks"), "stderr: \(refused.stderr)")
+    }
+
+    @Test func connectionMicroSmokeRunReportsBothStylesAndTheirRatio() throws {
+        let server = try RealServer.start(.go)
+        let run = try runBench(["--servers", "127.0.0.1:\(server.port)", "--connection-micro",
+                                "--micro-rounds", "200", "--micro-repeat", "3", "--json"])
+        #expect(run.status == 0, "dflockd-bench exited with \(run.status); stderr: \(run.stderr)")
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(run.stdout.utf8)) as? [String: Any])
+        #expect(object["mode"] as? String == "connection-micro")
+        #expect(object["rounds"] as? Int == 200)
+        let callbacks = try #require(object["callbacks_cpu_us_per_op"] as? Double)
+        let asyncLoop = try #require(object["async_loop_cpu_us_per_op"] as? Double)
+        let ratio = try #require(object["cpu_ratio_async_loop_to_callbacks"] as? Double)
+        #expect(callbacks > 0 && asyncLoop > 0)
+        #expect(abs(ratio - asyncLoop / callbacks) < 0.01 * ratio + 0.001, "ratio \(ratio) is not \(asyncLoop) / \(callbacks)")
+    }
+
     @Test func holdersSmokeRunPasses() throws {
         let server = try RealServer.start()
         let run = try runBench(["--servers", "127.0.0.1:\(server.port)", "--holders", "5", "--hold-seconds", "2",

@@ -21,7 +21,7 @@ import Darwin
 struct ExamplesTests {
     /// Every folder in Examples/ is an executable target and must be run by a test here.
     static let tested: Set<String> = ["Quickstart", "Callbacks", "TwoPhase", "LockLost", "Sharding", "Semaphore",
-                                      "Embedded", "EmbeddedServer", "Demo"]
+                                      "Embedded", "EmbeddedServer", "Demo", "ActorService"]
 
     @Test("every folder in Examples/ is an executable target of Package.swift and is run here")
     func everyExampleIsCovered() throws {
@@ -48,6 +48,14 @@ struct ExamplesTests {
         let port = try SupportSocket.freePort()   // nothing listens there
         let run = try await ExampleRun.run("Quickstart", ["--port", String(port)], expectedStatus: 1)
         try run.expect(containing: ["quickstart failed: could not connect to 127.0.0.1:\(port)", "Is dflockd running there?"])
+    }
+
+    @Test func actorService() async throws {
+        let server = try RealServer.start(.go)
+        let run = try await ExampleRun.run("ActorService", ["--port", String(server.port)])
+        try run.expect(lines: ["alice: 190", "bob: 200", "carol: 210", "dave: 220",
+                               "served 40 requests; every step on the loop thread: true",
+                               "actor service: done"])
     }
 
     @Test func callbacks() async throws {

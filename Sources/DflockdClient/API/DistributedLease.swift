@@ -169,15 +169,15 @@ public class DistributedLease: @unchecked Sendable {
     /// Connects and waits up to `acquireTimeoutS` for the key; `true` when held, `false` on
     /// timeout. Cancelling the task closes the connection and throws ``LockError/cancelled``.
     public func acquire(force: Bool = false) async throws -> Bool {
-        try await bridge(cancellable: true) { call, cancelled, completion in
-            self.call(call, .acquire(completion), unlessCancelled: cancelled) { .acquireRequested($0, force: force) }
+        try await bridge(cancellable: true) { call, completion in
+            self.call(call, .acquire(completion)) { .acquireRequested($0, force: force) }
         }
     }
 
     /// Releases the key and closes the connection (see ``release(completion:)``). Cancelling
     /// the task does not stop the release: it runs to its end and its outcome is returned.
     public func release() async throws {
-        try await bridge(cancellable: false) { call, cancelled, completion in
+        try await bridge(cancellable: false) { call, completion in
             self.call(call, .release(completion)) { .releaseRequested($0) }
         }
     }
@@ -185,16 +185,16 @@ public class DistributedLease: @unchecked Sendable {
     /// Two-phase step 1 (see ``enqueue(force:completion:)``). Cancelling the task closes the
     /// connection and throws ``LockError/cancelled``.
     public func enqueue(force: Bool = false) async throws -> EnqueueResult {
-        try await bridge(cancellable: true) { call, cancelled, completion in
-            self.call(call, .enqueue(completion), unlessCancelled: cancelled) { .enqueueRequested($0, force: force) }
+        try await bridge(cancellable: true) { call, completion in
+            self.call(call, .enqueue(completion)) { .enqueueRequested($0, force: force) }
         }
     }
 
     /// Two-phase step 2 (see ``wait(timeoutS:completion:)``). Cancelling the task closes the
     /// connection and throws ``LockError/cancelled``.
     public func wait(timeoutS: Int? = nil) async throws -> Bool {
-        try await bridge(cancellable: true) { call, cancelled, completion in
-            self.call(call, .wait(completion), unlessCancelled: cancelled) { .waitRequested($0, timeoutS: timeoutS) }
+        try await bridge(cancellable: true) { call, completion in
+            self.call(call, .wait(completion)) { .waitRequested($0, timeoutS: timeoutS) }
         }
     }
 
@@ -202,8 +202,15 @@ public class DistributedLease: @unchecked Sendable {
     /// release error) and when the task is cancelled during `body`: the release always runs
     /// before `withLock` returns or throws.
     ///
+    /// `body` runs in the caller's isolation: called from an actor, it may touch the actor's
+    /// state (`isolation` is the caller's, filled in by the compiler). On the loop's executor
+    /// (an actor whose executor is the loop, or inside `withTaskExecutorPreference(loop)`) the
+    /// acquire, `body` and the release all run on the loop thread, without a thread hop; a `body`
+    /// that blocks the thread then blocks every lock on the loop until it returns.
+    ///
     /// - Throws: ``LockError/acquireTimeout(key:)`` when the key was not granted in time.
-    public func withLock<T>(_ body: () async throws -> T) async throws -> T {
+    public func withLock<T>(isolation: isolated (any Actor)? = #isolation,
+                            _ body: () async throws -> T) async throws -> T {
         guard try await acquire() else { throw LockError.acquireTimeout(key: key) }
         let value: T
         do {
@@ -223,16 +230,10 @@ public class DistributedLease: @unchecked Sendable {
     }
 
     /// Registers `completion` for `call` and feeds the machine the caller's event; the
-    /// machine completes every call exactly once, on a later turn of the loop. A call whose
-    /// task was cancelled before it reached the loop (`unlessCancelled`) fails with
-    /// ``LockError/cancelled`` without starting.
-    private func call(_ call: LeaseMachine.CallID, _ completion: PendingCompletion, unlessCancelled cancelled: ThreadLock<Bool>? = nil,
+    /// machine completes every call exactly once, on a later turn of the loop.
+    private func call(_ call: LeaseMachine.CallID, _ completion: PendingCompletion,
                       _ event: @escaping (LeaseMachine.CallID) -> LeaseMachine.Event) {
         loop.runOnLoop(ifShutDown: { Self.complete(completion, .failed(.eventLoopShutDown)) }) { [self] in
-            if let cancelled, cancelled.withLock({ $0 }) {
-                loop.runLater { Self.complete(completion, .failed(.cancelled)) }
-                return
-            }
             completions[call] = completion
             drive(event(call), deliverLater: true)
         }
@@ -382,23 +383,17 @@ public class DistributedLease: @unchecked Sendable {
         }
     }
 
-    /// Runs a completion-handler call as an async call. When `cancellable`, cancelling the task
-    /// cancels the call (the machine ends its session and the call fails with
-    /// ``LockError/cancelled``), and a call whose task was cancelled before it reached the loop
-    /// never starts; otherwise (release) cancellation changes nothing.
+    /// Runs a completion-handler call as an async call, through the loop's bridge (no hop when
+    /// the task is already on the loop). When `cancellable`, cancelling the task cancels the call
+    /// (the machine ends its session and the call fails with ``LockError/cancelled``), and a
+    /// call whose task was cancelled before it reached the loop never starts; otherwise
+    /// (release) cancellation changes nothing and the call runs to its end.
     private func bridge<Value: Sendable>(cancellable: Bool,
-                                         _ start: @escaping (LeaseMachine.CallID, ThreadLock<Bool>?, @escaping (Result<Value, LockError>) -> Void) -> Void) async throws -> Value {
+                                         _ start: @escaping (LeaseMachine.CallID, @escaping (Result<Value, LockError>) -> Void) -> Void) async throws -> Value {
         let call = Self.nextCall()
-        let cancelled = cancellable ? ThreadLock(false) : nil
-        return try await withTaskCancellationHandler {
-            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Value, any Error>) in
-                start(call, cancelled) { continuation.resume(with: $0.mapError { $0 as any Error }) }
-            }
-        } onCancel: {
-            guard let cancelled else { return }
-            // The flag is set before the cancellation is queued to the loop: the call either
-            // sees it when it starts, or started before the cancellation arrives.
-            cancelled.withLock { $0 = true }
+        return try await loop.bridge(startsWhenCancelled: !cancellable, { completion in start(call, completion) }) {
+            guard cancellable else { return }
+            // A cancellation that beats the start finds no such call in the machine: ignored.
             self.loop.runOnLoop { [self] in drive(.cancelRequested(call), deliverLater: true) }
         }
     }

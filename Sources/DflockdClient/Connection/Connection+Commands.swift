@@ -180,18 +180,11 @@ extension Connection {
         }
     }
 
-    /// Runs a completion-handler operation as an async call. Cancelling the task closes the
-    /// connection, which fails the operation with ``LockError/cancelled`` and makes the server
-    /// drop any wait or hold of this session.
+    /// Runs a completion-handler operation as an async call (see `EventLoop.bridge`). Cancelling
+    /// the task closes the connection, which fails the operation with ``LockError/cancelled``
+    /// and makes the server drop any wait or hold of this session.
     func bridge<Value: Sendable>(_ start: @escaping (@escaping (Result<Value, LockError>) -> Void) -> Void) async throws -> Value {
-        try await withTaskCancellationHandler {
-            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Value, any Error>) in
-                let resume: (Result<Value, LockError>) -> Void = { continuation.resume(with: $0.mapError { $0 as any Error }) }
-                loop.runOnLoop(ifShutDown: { resume(.failure(.eventLoopShutDown)) }) { start(resume) }
-            }
-        } onCancel: {
-            self.cancel()
-        }
+        try await loop.bridge(start) { self.cancel() }
     }
 }
 

@@ -20,6 +20,8 @@ public final class EventLoop: @unchecked Sendable {
     let readBuffer: UnsafeMutableRawBufferPointer
     /// What runs the loop; it outlives this object until the loop's handles have closed.
     let engine: LoopEngine
+    /// The executor's jobs enqueued on the loop thread (`EventLoop+Executor.swift`).
+    let runQueue = RunQueue()
 
     /// Creates a loop with its own `uv_loop_t` and starts a thread that runs it.
     ///
@@ -52,6 +54,7 @@ public final class EventLoop: @unchecked Sendable {
         engine = LoopEngine(batchingWindow: batchingWindow)
         raw = engine.raw
         readBuffer = engine.readBuffer
+        bindRunQueue()
     }
 
     /// Wraps a libuv loop that the caller runs, for embedding in an existing libuv program.
@@ -68,6 +71,17 @@ public final class EventLoop: @unchecked Sendable {
         engine = LoopEngine(borrowing: loop)
         raw = engine.raw
         readBuffer = engine.readBuffer
+        bindRunQueue()
+    }
+
+    /// Ties the executor's run queue to this loop: its jobs run to their end during shutdown,
+    /// after the connections and timers have failed what they owed and before the wake-up closes.
+    private func bindRunQueue() {
+        runQueue.bind(to: self)
+        let runQueue = runQueue
+        // Unowned: the engine outlives this object; the hook runs only during a shutdown, which
+        // this object's deinit waits for, and a queue with jobs waiting keeps the loop alive.
+        engine.willCloseWakeup = { [unowned(unsafe) self] in runQueue.shutDown(loop: self) }
     }
 
     deinit {

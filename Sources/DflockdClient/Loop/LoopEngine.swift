@@ -45,6 +45,10 @@ final class LoopEngine: @unchecked Sendable {
     /// Taken by the caller of `shutdown()` that does the work, for all of it; true once done,
     /// so concurrent and later callers wait for it and then return.
     private let shutdownDone = ThreadLock(false)
+    /// Runs on the loop thread during shutdown, after the registered owners have closed and
+    /// before the wake-up closes (the executor finishes its jobs there). Set once, by the
+    /// public loop's initializer, before any work can reach the loop thread.
+    var willCloseWakeup: (() -> Void)?
 
     private struct Inbox {
         var work: [@Sendable () -> Void] = []
@@ -202,6 +206,8 @@ final class LoopEngine: @unchecked Sendable {
         resources.removeAll()
         for entry in owners { entry.resource?.closeForShutdown() }
         resources.removeAll()
+        willCloseWakeup?()
+        willCloseWakeup = nil
         wakeupKeepsLoopAlive = false
         uv_close(wakeup.asHandle, LoopEngine.onWakeupClosed)
         if let beforePoll { uv_close(beforePoll.asHandle, freeHandleOnClose) }
