@@ -149,7 +149,14 @@ struct StatsTests {
         let server = try await RealServer.launch(.go)
         let before = try await DflockdClient.stats(port: server.port)
         #expect(before.connections == 1, "only the stats call's own connection")
-        let after = try await DflockdClient.stats(port: server.port)
+        // The server counts a closed connection out when its own goroutine sees the EOF, which
+        // may be just after the next call arrives: ask until it has (or 5 s pass).
+        let deadline = ContinuousClock.now.advanced(by: .seconds(5))
+        var after = try await DflockdClient.stats(port: server.port)
+        while after.connections != 1, ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(20))
+            after = try await DflockdClient.stats(port: server.port)
+        }
         #expect(after.connections == 1, "the first call's connection was closed")
     }
 
