@@ -173,6 +173,31 @@ struct LockPromiseTests {
         try await other.release()
     }
 
+    /// Completions never run inside the call that caused them, even when the machine answers
+    /// at once (a call refused by the lock's state, an invalid timeout) and the caller is on the
+    /// loop thread.
+    @Test func aCallRefusedAtOnceCompletesAfterItReturns() async throws {
+        let lock = try DistributedLock(key: "refused-at-once", servers: [("127.0.0.1", 1)])
+        let order = ThreadLock<[String]>([])
+        let done = ResultBox<Void>()
+        lock.loop.execute {
+            lock.release { result in
+                let refused = if case .failure(.notConnected) = result { true } else { false }
+                order.withLock { $0.append("release completed, notConnected: \(refused)") }
+            }
+            lock.wait(timeoutS: -1) { result in
+                let refused = if case .failure(.invalidArgument(name: "timeoutS", _)) = result { true } else { false }
+                order.withLock { $0.append("wait completed, invalidArgument: \(refused)") }
+                done.set(.success(()))
+            }
+            order.withLock { $0.append("calls returned") }
+        }
+        try await done.value()
+        let seen = order.withLock { $0 }
+        #expect(seen.first == "calls returned", "\(seen)")
+        #expect(seen == ["calls returned", "release completed, notConnected: true", "wait completed, invalidArgument: true"])
+    }
+
     /// Item 4: a release the server never answers (it is frozen) fails after the default
     /// request deadline (10 s), saying the key is freed at the latest when its lease ends,
     /// instead of claiming success or never returning.
