@@ -91,7 +91,8 @@ enum ReplyDecoder {
     /// step out of order. Any other `error` means the server judged the request malformed.
     static func isRecoverable(_ error: LockError) -> Bool {
         switch error {
-        case .notHeld, .notEnqueued, .alreadyEnqueued, .maxLocks, .maxWaiters, .limitMismatch, .leaseExpired, .serverDraining:
+        case .notHeld, .notEnqueued, .alreadyEnqueued, .maxLocks, .maxWaiters, .limitMismatch, .leaseExpired, .serverDraining,
+             .notLeader:
             return true
         default:
             return false
@@ -109,6 +110,11 @@ enum ReplyDecoder {
         case "error_already_enqueued": return .alreadyEnqueued(key: key)
         case "error_lease_expired": return .leaseExpired(key: key)
         case "error_draining": return .serverDraining
+        case "error_not_leader":
+            // The rest of the line is the leader's address as the server sent it; it is only
+            // judged (parsed, matched against the configured servers) by whoever follows it.
+            let hint = line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().joined(separator: " ")
+            return .notLeader(leader: hint.isEmpty ? nil : hint)
         case "error":
             // 0.5.0 answers plain `error` where newer servers have a distinct status.
             switch request.command {

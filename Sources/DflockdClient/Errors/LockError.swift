@@ -35,8 +35,17 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
     case limitMismatch(key: String)
     /// The lease ran out before the grant reached this client (`error_lease_expired`).
     case leaseExpired(key: String)
-    /// The server is shutting down and takes no new grants (`error_draining`).
+    /// The server is shutting down and takes no new grants (`error_draining`, dflockd 1.16 and
+    /// later).
     case serverDraining
+    /// The server is a follower in a dflockd cluster and does not take mutating commands
+    /// (`error_not_leader [host:port]`). `leader` is the leader's client address exactly as the
+    /// server sent it, or `nil` when it named none (an election is under way).
+    ///
+    /// Locks and semaphores follow the redirect themselves when the address is one of their
+    /// configured `servers`; they report this error when it is not, when it names no one, or
+    /// after three redirects in one call. A ``Connection`` always reports it.
+    case notLeader(leader: String?)
     /// The server answered `error` to a request this client sent as well-formed.
     case serverError(command: String, key: String)
     /// The host name did not resolve.
@@ -93,6 +102,11 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
             return "the lease on '\(key)' expired before the grant reached this client; acquire again."
         case .serverDraining:
             return "the server is draining (shutting down) and grants nothing new; retry on another server or later."
+        case .notLeader(let leader):
+            if let leader {
+                return "the server is not its cluster's leader; it names \(leader.debugDescription) as the leader. List every cluster member in `servers` so that redirects to them are followed, or connect to the leader."
+            }
+            return "the server is not its cluster's leader and knows of none (an election is under way); retry shortly."
         case .serverError(let command, let key):
             return "the server answered `error` to '\(command)' on '\(key)'; it treats the request as malformed or not allowed. The connection was closed."
         case .resolveFailed(let host, let reason):

@@ -47,6 +47,21 @@ enum TestSupport {
         }
     }
 
+    /// `<repo>/Tests/DflockdClientTests/DocumentedReplies`: exchanges written by hand from the
+    /// servers' documented replies, for servers no machine here can run (each file says so).
+    static let documentedRepliesDirectory: URL = repoRoot
+        .appendingPathComponent("Tests/DflockdClientTests/DocumentedReplies", isDirectory: true)
+
+    /// Text of a transcript in ``documentedRepliesDirectory``, e.g. `documentedReplies("doc-cluster.txt")`.
+    static func documentedReplies(_ name: String) throws -> String {
+        let url = documentedRepliesDirectory.appendingPathComponent(name)
+        do {
+            return try String(contentsOf: url, encoding: .utf8)
+        } catch {
+            throw TestSupportError("cannot read documented transcript \(url.path): \(error)")
+        }
+    }
+
     /// File names of the vendored transcripts, sorted.
     static func transcriptNames() throws -> [String] {
         try FileManager.default.contentsOfDirectory(atPath: transcriptsDirectory.path)
