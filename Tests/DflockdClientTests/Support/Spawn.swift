@@ -1,3 +1,4 @@
+@testable import DflockdClient
 import Foundation
 #if canImport(Glibc)
 import Glibc
@@ -56,4 +57,60 @@ struct SpawnError: Error, CustomStringConvertible {
     let executable: String
     let code: Int32
     var description: String { "posix_spawn \(executable) failed: \(SupportSocket.errnoDescription(code))" }
+}
+
+/// Children that die with the test process: started through `setpriv --pdeathsig SIGKILL`
+/// (util-linux), so the kernel kills them if the test runner exits without stopping them
+/// (a crash, a SIGKILL, a time limit).
+///
+/// The kernel sends a parent-death signal when the *thread* that spawned the child exits, not
+/// the process, and tests spawn from short-lived threads (`offThread`). So every such spawn runs
+/// on one thread that lives as long as the test process.
+enum TiedSpawn {
+    static let setprivPath = "/usr/bin/setpriv"
+
+    /// `Spawn.start(executable, argv:...)` under `setpriv --pdeathsig SIGKILL`, on the
+    /// long-lived spawner thread. The returned pid is the executable itself (setpriv execs it).
+    static func start(_ executable: String,
+                      argv: [String],
+                      environment: [String: String],
+                      fileActions configure: @escaping @Sendable (inout posix_spawn_file_actions_t) -> Void) -> Result<pid_t, SpawnError> {
+        guard FileManager.default.isExecutableFile(atPath: setprivPath) else {
+            return .failure(SpawnError(executable: setprivPath, code: ENOENT))
+        }
+        let wrapped = [setprivPath, "--pdeathsig", "SIGKILL", "--", executable] + argv.dropFirst()
+        let done = DispatchSemaphore(value: 0)
+        let result = ThreadLock<Result<pid_t, SpawnError>?>(nil)
+        SpawnerThread.shared.run {
+            result.withLock { $0 = Spawn.start(setprivPath, argv: wrapped, environment: environment, fileActions: configure) }
+            done.signal()
+        }
+        done.wait()
+        return result.withLock { $0! }
+    }
+}
+
+/// One thread, alive for the whole test process, that runs the jobs given to it in order.
+private final class SpawnerThread: @unchecked Sendable {
+    static let shared = SpawnerThread()
+
+    private let jobs = ThreadLock<[@Sendable () -> Void]>([])
+    private let available = DispatchSemaphore(value: 0)
+
+    private init() {
+        let thread = Thread { [self] in
+            while true {
+                available.wait()
+                let job = jobs.withLock { $0.removeFirst() }
+                job()
+            }
+        }
+        thread.name = "test-support spawner"
+        thread.start()
+    }
+
+    func run(_ job: @escaping @Sendable () -> Void) {
+        jobs.withLock { $0.append(job) }
+        available.signal()
+    }
 }
