@@ -13,7 +13,8 @@ public struct Grant: Sendable, Hashable {
         self.leaseS = leaseS
     }
 
-    /// The fencing value in the token, on servers that issue one (2.x); see ``fenceFromToken(_:)``.
+    /// The fencing value in the token, on servers that issue one (2.1 and later); see
+    /// ``fenceFromToken(_:)``.
     public var fence: UInt64? { fenceFromToken(token) }
 }
 

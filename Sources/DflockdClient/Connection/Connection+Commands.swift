@@ -83,8 +83,8 @@ extension Connection {
         }
     }
 
-    /// `ping`: a round trip that also resets the server's idle read timeout (2.x servers;
-    /// 1.10 answers `error`, which fails the call and closes the connection).
+    /// `ping`: a round trip that also resets the server's idle read timeout (dflockd 1.14 and
+    /// later; older servers answer `error`, which fails the call with `serverError`).
     public func ping(completion: @escaping (Result<Void, LockError>) -> Void) {
         perform({ () throws(LockError) in .ping }, completion, done)
     }

@@ -57,7 +57,7 @@ public final class Connection: @unchecked Sendable {
         /// The shared OpenSSL context for `tls`, looked up when the options were validated, so
         /// that connecting never waits on the context cache's lock on the loop thread.
         var tlsContext: TLSContext? = nil
-        /// Send `ping` after this long without a request (dflockd 2.x).
+        /// Send `ping` after this long without a request (dflockd 1.14 and later).
         var keepAliveMs: Int? = nil
     }
 
@@ -86,8 +86,8 @@ public final class Connection: @unchecked Sendable {
     ///     reply is owed (a blocking acquire or wait adds its own timeout to the allowance).
     ///   - keepAliveMs: Send `ping` whenever the connection has been idle (no request
     ///     outstanding) this long, so that a server's `--read-timeout` does not close it, and
-    ///     the session with it. Only dflockd 2.x answers `ping`: older servers answer `error`,
-    ///     which ends the connection, so leave it `nil` (the default) for them.
+    ///     the session with it. Only dflockd 1.14 and later answer `ping`: older servers answer
+    ///     `error`, so leave it `nil` (the default) for them.
     ///   - loop: The loop to run on.
     /// - Throws: ``LockError/invalidArgument(name:reason:)`` for a bad port, secret or timeout,
     ///   or a TLS file that cannot be used (named as `tls.caFile`, `tls.certificateFile`, …).

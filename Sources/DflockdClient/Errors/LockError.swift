@@ -31,7 +31,10 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
     case maxLocks(key: String)
     /// The key's waiter queue is full (`error_max_waiters`).
     case maxWaiters(key: String)
-    /// The key exists with another kind or semaphore limit (`error_limit_mismatch`).
+    /// `error_limit_mismatch`. Up to dflockd 1.13, lock and semaphore keys share a namespace:
+    /// the key is in use as the other kind, or as a semaphore with another limit. From 1.14
+    /// they are separate, and it means only a semaphore asked for with another limit than the
+    /// one it has.
     case limitMismatch(key: String)
     /// The lease ran out before the grant reached this client (`error_lease_expired`).
     case leaseExpired(key: String)
@@ -97,7 +100,7 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
         case .maxWaiters(let key):
             return "the server refused to queue on '\(key)': its waiter queue is full. Retry later or raise the server's --max-waiters."
         case .limitMismatch(let key):
-            return "'\(key)' exists on the server as a lock or a semaphore with another limit; use the same kind and limit as its other users."
+            return "'\(key)' exists on the server as a semaphore with another limit (or, before dflockd 1.14, as the other kind of key); use the same kind and limit as its other users."
         case .leaseExpired(let key):
             return "the lease on '\(key)' expired before the grant reached this client; acquire again."
         case .serverDraining:
