@@ -15,15 +15,8 @@ struct TLSMemoryTests {
         pki = try TLSFixture.pki()
     }
 
-    /// The failure of building the TLS context for `options` through a lock's initializer.
     private func failure(_ options: TLSOptions) -> (name: String, reason: String)? {
-        do {
-            _ = try DistributedLock(key: "k", tls: options)
-            return nil
-        } catch {
-            if case .invalidArgument(let name, let reason) = error { return (name, reason) }
-            return ("not invalidArgument", "\(error)")
-        }
+        TLSFixture.initializerFailure(options)
     }
 
     // MARK: - Against the Go server's native TLS (dflockd 1.10)

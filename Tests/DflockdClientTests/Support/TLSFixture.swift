@@ -84,6 +84,18 @@ enum TLSFixture {
         }
     }
 
+    /// How a lock's initializer refuses `options` (building their TLS context): the option
+    /// named and the reason, or nil when it accepts them.
+    static func initializerFailure(_ options: TLSOptions) -> (name: String, reason: String)? {
+        do {
+            _ = try DistributedLock(key: "k", tls: options)
+            return nil
+        } catch {
+            if case .invalidArgument(let name, let reason) = error { return (name, reason) }
+            return ("not invalidArgument", "\(error)")
+        }
+    }
+
     /// The `openssl` command, or an error saying how to get it.
     static func opensslPath() throws -> String {
         try locate(["openssl"], package: "openssl")
