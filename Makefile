@@ -5,6 +5,8 @@
 #   make build   swift build (debug)
 #   make test    setup, then swift test (unit tests + tests against a real dflockd), then a
 #                smoke run of the fuzz harness over its seeds and regressions (debug replayer)
+#   make soak    the LeaseMachine property test with 5,000,000 random steps and the random fault
+#                run against both real servers for 120 s each (SOAK_STEPS, SOAK_SECONDS)
 #   make fuzz    libFuzzer on the reply decoder and the connection read path (FUZZ_RUNS inputs,
 #                default 1,000,000; FUZZ_SANITIZE=fuzzer for a faster run without ASan)
 #   make test-asan / make test-tsan   the suite under AddressSanitizer / ThreadSanitizer
@@ -32,7 +34,7 @@ FUZZ_SANITIZE ?= fuzzer,address
 FUZZ_FLAGS ?= -max_len=4096 -print_final_stats=1
 FUZZ_SCRATCH ?= .build-fuzz
 
-.PHONY: setup build test fuzz fuzz-smoke test-asan test-tsan demo example examples docs bench bench-build bench-holders clean distclean
+.PHONY: setup build test soak fuzz fuzz-smoke test-asan test-tsan demo example examples docs bench bench-build bench-holders clean distclean
 
 setup:
 	@bash Tests/scripts/setup
@@ -45,6 +47,14 @@ build:
 test: setup
 	$(SWIFT) test --no-parallel
 	$(MAKE) --no-print-directory fuzz-smoke
+
+SOAK_STEPS ?= 5000000
+SOAK_SECONDS ?= 120
+
+# Longer runs of the two randomised tests that `make test` runs briefly.
+soak: setup
+	LEASE_PROPERTY_STEPS=$(SOAK_STEPS) FAULT_RUN_SECONDS=$(SOAK_SECONDS) \
+		$(SWIFT) test --no-parallel --filter 'LeaseMachinePropertyTests|RandomFaultRunTests'
 
 # The harness once over every seed and past crash input, in the debug build (no libFuzzer).
 fuzz-smoke:

@@ -478,14 +478,15 @@ struct CodecTests {
             }
         }
 
-        @Test("which errors leave the connection usable")
+        @Test("a server's refusal leaves the connection usable; an unreadable reply or refused secret does not")
         func recoverable() {
             for e in [LockError.notHeld(key: "k"), .notEnqueued(key: "k"), .alreadyEnqueued(key: "k"), .maxLocks(key: "k"),
-                      .maxWaiters(key: "k"), .limitMismatch(key: "k"), .leaseExpired(key: "k"), .serverDraining] {
-                #expect(ReplyDecoder.isRecoverable(e), "\(e)")
+                      .maxWaiters(key: "k"), .limitMismatch(key: "k"), .leaseExpired(key: "k"), .serverDraining,
+                      .serverError(command: "l", key: "k")] {
+                #expect(!ConnectionCore<Int>.endsConnection(e), "\(e)")
             }
-            for e in [LockError.serverError(command: "l", key: "k"), .authFailed, .protocolViolation("x")] {
-                #expect(!ReplyDecoder.isRecoverable(e), "\(e)")
+            for e in [LockError.authFailed, .protocolViolation("x")] {
+                #expect(ConnectionCore<Int>.endsConnection(e), "\(e)")
             }
         }
 

@@ -125,36 +125,17 @@ struct ExamplesTests {
         #expect(!run.output.contains("holder 1: in"), "\(run)")
     }
 
-    /// What the example does against a server with semaphores, replayed the way the Go 1.10
-    /// server answers (Transcripts/go-1.10-core.txt, "semaphore: …" section): limit 2, the
-    /// third holder queued until the first releases.
+    /// What the example does against a server with semaphores (the real Go 1.10 server):
+    /// limit 2, the third holder queued until the first releases.
     @Test func semaphoreOnAServerWithSemaphores() async throws {
-        let a = "0000000000000000000000000000000a", b = "0000000000000000000000000000000b"
-        let c = "0000000000000000000000000000000c"
-        let peer = try ScriptedPeer(script: """
-            A > b'sl\\nsemaphore-payments\\n5 2 30\\n'
-            A < ok \(a) 30
-            B > b'sl\\nsemaphore-payments\\n5 2 30\\n'
-            B < ok \(b) 30
-            C > b'se\\nsemaphore-payments\\n2 30\\n'
-            C < queued
-            A > b'sr\\nsemaphore-payments\\n\(a)\\n'
-            A < ok
-            C > b'sw\\nsemaphore-payments\\n5\\n'
-            C < ok \(c) 30
-            B > b'sr\\nsemaphore-payments\\n\(b)\\n'
-            B < ok
-            C > b'sr\\nsemaphore-payments\\n\(c)\\n'
-            C < ok
-            """)
-        let run = try await ExampleRun.run("Semaphore", ["--port", String(peer.port)])
+        let server = try await RealServer.launch(.go)
+        let run = try await ExampleRun.run("Semaphore", ["--port", String(server.port)])
         try run.expect(lines: ["holder 1: in (limit 2)",
                                "holder 2: in; both slots are taken",
                                "holder 3: queued, as the semaphore is full",
                                "holder 1: released its slot",
                                "holder 3: in, in the slot holder 1 freed",
                                "semaphore: done"], inOrder: true)
-        try await peer.finish()
     }
 
     @Test func embedded() async throws {

@@ -1,6 +1,8 @@
 // Safety under faults (issue #6): a held lock is never silently lost, and bad input never
-// breaks the client. Against the real dflockd 0.5.0 server (killed, frozen, partitioned by a
-// black-hole proxy, restarted) and against scripted peers that send what no server should.
+// breaks the client. Against both real servers, dflockd 0.5.0 (Python) and 1.10.0 (Go): killed,
+// frozen, partitioned by a black-hole proxy, restarted; and against scripted peers that send
+// what no server should (an unsolicited line, a malformed reply, an endless line): no real
+// server can be made to.
 //
 // Every wait here ends on an event (a callback, a completion, a close), with a generous
 // timeout only as a safety net. Blocking calls (RealServer, RawClient, proxy switches) run on
@@ -22,8 +24,20 @@ struct FaultTests {
         case unsolicitedLine, endOfStream, reset
     }
 
-    @Test("a line, an EOF or a reset while the lock is held loses it at once", arguments: HeldFault.allCases)
-    func readWhileHeld(_ fault: HeldFault) async throws {
+    /// The line and the EOF come from a scripted peer (no server sends a line unprompted, and an
+    /// EOF with nothing else is what a peer can time exactly); the reset, through a proxy in
+    /// front of each real server.
+    struct HeldFaultCase: Sendable, CustomTestStringConvertible {
+        let fault: HeldFault
+        let server: ServerKind?
+        var testDescription: String { server.map { "\(fault.rawValue) on \($0)" } ?? "\(fault.rawValue) from a scripted peer" }
+        static let all = [HeldFaultCase(fault: .unsolicitedLine, server: nil), HeldFaultCase(fault: .endOfStream, server: nil)]
+            + ServerKind.allCases.map { HeldFaultCase(fault: .reset, server: $0) }
+    }
+
+    @Test("a line, an EOF or a reset while the lock is held loses it at once", arguments: HeldFaultCase.all)
+    func readWhileHeld(_ scenario: HeldFaultCase) async throws {
+        let fault = scenario.fault
         let lost = EventLog<String>()
         let token = "0123456789abcdef0123456789abcdef"
         var peer: ScriptedPeer?
@@ -42,7 +56,7 @@ struct FaultTests {
                 """)
             port = peer!.port
         case .reset:
-            server = try await SharedServers.plain.value
+            server = try await SharedServers.plain(try #require(scenario.server))
             proxy = try BlackHoleProxy(targetPort: server!.port)
             port = proxy!.port
         }
@@ -84,9 +98,9 @@ struct FaultTests {
 
     // MARK: - Server killed
 
-    @Test("SIGKILL with 100 locks held: every onLockLost fires exactly once, within 1 s")
-    func serverKilledWithAHundredLocksHeld() async throws {
-        let server = try await offThread { try RealServer.start() }
+    @Test("SIGKILL with 100 locks held: every onLockLost fires exactly once, within 1 s", arguments: ServerKind.allCases)
+    func serverKilledWithAHundredLocksHeld(on kind: ServerKind) async throws {
+        let server = try await RealServer.launch(kind)
         let lost = EventLog<String>()
         let locks = try (0..<100).map { index in
             try DistributedLock(key: "killed-\(index)", acquireTimeoutS: 5, leaseTtlS: 30,
@@ -117,7 +131,7 @@ struct FaultTests {
         #expect(Set(entries.map(\.value)) == Set(tokens))
         let slowest = entries.map { $0.at - killedAt }.max() ?? .zero
         #expect(slowest < .seconds(1), "the last onLockLost came \(slowest) after SIGKILL")
-        print("SIGKILL: \(entries.count) onLockLost calls, the last \(slowest) after the signal")
+        print("SIGKILL on \(kind): \(entries.count) onLockLost calls, the last \(slowest) after the signal")
         for lock in locks { #expect(lock.state == .closed) }
     }
 
@@ -131,12 +145,15 @@ struct FaultTests {
     }
 
     struct PartitionCase: Sendable, CustomTestStringConvertible {
+        let server: ServerKind
         let partition: Partition
         /// Whether a renewal was answered before the fault (the deadline then comes from it),
         /// or the fault came right after the grant.
         let afterRenewal: Bool
-        var testDescription: String { "\(partition.rawValue), \(afterRenewal ? "after a renewal" : "right after the grant")" }
-        static let all = Partition.allCases.flatMap { p in [false, true].map { PartitionCase(partition: p, afterRenewal: $0) } }
+        var testDescription: String { "\(server): \(partition.rawValue), \(afterRenewal ? "after a renewal" : "right after the grant")" }
+        static let all = ServerKind.allCases.flatMap { server in
+            Partition.allCases.flatMap { p in [false, true].map { PartitionCase(server: server, partition: p, afterRenewal: $0) } }
+        }
     }
 
     /// A lock with a 3 s lease is held through a proxy; a waiter on the same key talks to the
@@ -150,11 +167,11 @@ struct FaultTests {
     func partitionWhileHeld(_ scenario: PartitionCase) async throws {
         // A frozen server is of no use to anyone else; a black hole only hides the shared one.
         let server = scenario.partition == .frozenServer
-            ? try await offThread { try RealServer.start() }
-            : try await SharedServers.plain.value
+            ? try await RealServer.launch(scenario.server)
+            : try await SharedServers.plain(scenario.server)
         let proxy = try BlackHoleProxy(targetPort: server.port)
         let lost = EventLog<String>()
-        let key = "partition-\(scenario.partition.rawValue)-\(scenario.afterRenewal)"
+        let key = "partition-\(scenario.server.rawValue)-\(scenario.partition.rawValue)-\(scenario.afterRenewal)"
         let holder = try DistributedLock(key: key, acquireTimeoutS: 5, leaseTtlS: 3, servers: [("127.0.0.1", proxy.port)],
                                          onLockLost: { _, token in lost.append(token) })
         let waiter = try DistributedLock(key: key, acquireTimeoutS: 30, leaseTtlS: 3, servers: [("127.0.0.1", server.port)])
@@ -162,8 +179,12 @@ struct FaultTests {
         #expect(try await holder.acquire())
         let token = try #require(holder.token)
         if scenario.afterRenewal {
-            // 0.5.0 answers a renewal with the seconds left, rounded down: 2 after a 3 s lease.
-            await waitUntil { holder.lease == 2 || holder.state != .held }
+            // The renewal (due after 1 s) is answered: a second reply came down through the
+            // proxy. (0.5.0 answers it with 2, the seconds left; 1.10 with the full 3.)
+            await waitUntil {
+                proxy.traffic.filter { $0.connection == 1 && $0.direction == .down && !$0.dropped }.count >= 2
+                    || holder.state != .held
+            }
             #expect(holder.state == .held)
         }
 
@@ -429,9 +450,9 @@ struct FaultTests {
 
     /// `--read-timeout 3`: the server drops a connection that is silent for 3 s, and its lock.
     /// A 60 s lease renews every 30 s by the ratio; `maxIdleMs` caps the gap.
-    @Test("a 60 s lease stays held on a server with --read-timeout 3 when maxIdleMs is 1000")
-    func maxIdleKeepsTheSessionAlive() async throws {
-        let server = try await SharedServers.readTimeout3.value
+    @Test("a 60 s lease stays held on a server with --read-timeout 3 when maxIdleMs is 1000", arguments: ServerKind.allCases)
+    func maxIdleKeepsTheSessionAlive(on kind: ServerKind) async throws {
+        let server = try await SharedServers.readTimeout3(kind)
         let lost = EventLog<String>()
         let lock = try DistributedLock(key: "idle-capped", acquireTimeoutS: 5, leaseTtlS: 60, servers: [("127.0.0.1", server.port)],
                                        onLockLost: { _, token in lost.append(token) }, maxIdleMs: 1000)
@@ -449,9 +470,9 @@ struct FaultTests {
 
     /// The same lock without the cap: the server drops it after 3 s of silence (sending an
     /// unsolicited `error` and closing), which the client reports at once.
-    @Test("with maxIdleMs nil the same lock is lost to the read timeout (so the test above can fail)")
-    func withoutMaxIdleTheReadTimeoutWins() async throws {
-        let server = try await SharedServers.readTimeout3.value
+    @Test("with maxIdleMs nil the same lock is lost to the read timeout (so the test above can fail)", arguments: ServerKind.allCases)
+    func withoutMaxIdleTheReadTimeoutWins(on kind: ServerKind) async throws {
+        let server = try await SharedServers.readTimeout3(kind)
         let lost = EventLog<String>()
         let lock = try DistributedLock(key: "idle-uncapped", acquireTimeoutS: 5, leaseTtlS: 60, servers: [("127.0.0.1", server.port)],
                                        onLockLost: { _, token in lost.append(token) }, maxIdleMs: nil)
@@ -593,9 +614,10 @@ struct MutualExclusionTests {
         }
     }
 
-    @Test("20 locks, one key, 30 s, server killed and restarted twice, partitioned twice: no overlap, no lost update")
-    func mutualExclusionUnderFaults() async throws {
-        let server = try await offThread { try RealServer.start() }
+    @Test("20 locks, one key, 30 s, server killed and restarted twice, partitioned twice: no overlap, no lost update",
+          arguments: ServerKind.allCases)
+    func mutualExclusionUnderFaults(on kind: ServerKind) async throws {
+        let server = try await RealServer.launch(kind)
         let proxy = try BlackHoleProxy(targetPort: server.port)
         let ledger = Ledger()
         let injector = Injector(server: server, proxy: proxy)
@@ -657,7 +679,7 @@ struct MutualExclusionTests {
 
         let s = ledger.state.withLock { $0 }
         print("""
-            mutual exclusion: \(s.commits.count) commits, \(s.aborts) aborts, \(s.timeouts) acquire timeouts, \
+            mutual exclusion on \(kind): \(s.commits.count) commits, \(s.aborts) aborts, \(s.timeouts) acquire timeouts, \
             \(s.losses.count) onLockLost, errors \(s.errors.sorted { $0.key < $1.key }), \
             commits direct/proxied \(s.commits.filter { $0.worker.isMultiple(of: 2) }.count)/\(s.commits.filter { !$0.worker.isMultiple(of: 2) }.count), \
             injections \(s.injections.map { "\($0.fault.rawValue) by \($0.worker): \($0.committed.map { $0 ? "committed" : "aborted" } ?? "?")" })
@@ -689,11 +711,22 @@ struct MutualExclusionTests {
 // MARK: - Helpers
 
 /// Servers shared by the tests that neither kill, freeze nor restart them (each uses keys of
-/// its own): fewer Python processes starting at once on a small machine. Started on first use,
-/// off the cooperative pool; they end with the test process (RealServer's watchdog pipe).
+/// its own): fewer processes starting at once on a small machine. Started on first use, off
+/// the cooperative pool; they end with the test process (RealServer's watchdog pipe, or the
+/// Go server's parent-death signal).
 enum SharedServers {
-    static let plain = Task { try await offThread { try RealServer.start() } }
-    static let readTimeout3 = Task { try await offThread { try RealServer.start(["--read-timeout", "3"]) } }
+    private static let plainPython = Task { try await RealServer.launch(.python) }
+    private static let plainGo = Task { try await RealServer.launch(.go) }
+    private static let readTimeout3Python = Task { try await RealServer.launch(.python, [.readTimeout(seconds: 3)]) }
+    private static let readTimeout3Go = Task { try await RealServer.launch(.go, [.readTimeout(seconds: 3)]) }
+
+    static func plain(_ kind: ServerKind) async throws -> RealServer {
+        try await (kind == .python ? plainPython : plainGo).value
+    }
+
+    static func readTimeout3(_ kind: ServerKind) async throws -> RealServer {
+        try await (kind == .python ? readTimeout3Python : readTimeout3Go).value
+    }
 }
 
 /// Whether another client finds `key` held: `l key 0` answers `timeout`. A grant is released at

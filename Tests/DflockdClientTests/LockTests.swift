@@ -1,53 +1,63 @@
 import Testing
 @testable import DflockdClient
 
-/// `DistributedLock` against the real dflockd 0.5.0 server.
+/// `DistributedLock` against both real servers: every test that does not need one server's
+/// own behaviour runs once on dflockd 0.5.0 (Python) and once on dflockd 1.10.0 (Go).
 @Suite(.timeLimit(.minutes(2)))
 struct LockTests {
-    let server: RealServer
+    /// A fresh server of one kind for one test case, and the helpers that talk to it.
+    struct Bed {
+        let kind: ServerKind
+        let server: RealServer
 
-    // Off the cooperative pool: every test of the suite starts a server, and a start blocks for
-    // about a second (longer on a loaded machine), which would stall the other tests' timers.
-    init() async throws {
-        server = try await offThread { try RealServer.start() }
+        // Off the cooperative pool: a start blocks for up to a second (longer on a loaded
+        // machine), which would stall the other tests' timers.
+        init(_ kind: ServerKind) async throws {
+            self.kind = kind
+            server = try await RealServer.launch(kind)
+        }
+
+        func lock(_ key: String, acquireTimeoutS: Int = 5, leaseTtlS: Int? = nil,
+                  onLockLost: (@Sendable (String, String) -> Void)? = nil) throws -> DistributedLock {
+            try DistributedLock(key: key, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS,
+                                servers: [("127.0.0.1", server.port)], onLockLost: onLockLost)
+        }
+
+        /// What another client sees: `timeout` while the key is held, a grant (released at once)
+        /// when it is free.
+        func isHeldElsewhere(_ key: String, port: Int? = nil) throws -> Bool {
+            let client = try RawClient(port: port ?? server.port)
+            defer { client.close() }
+            let reply = try client.send("l", key, "0")
+            if reply == "timeout" { return true }
+            let fields = reply.split(separator: " ")
+            #expect(fields.first == "ok", "unexpected reply \(reply)")
+            _ = try client.send("r", key, String(fields[1]))
+            return false
+        }
     }
 
-    private func lock(_ key: String, acquireTimeoutS: Int = 5, leaseTtlS: Int? = nil,
-                      onLockLost: (@Sendable (String, String) -> Void)? = nil) throws -> DistributedLock {
-        try DistributedLock(key: key, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS,
-                            servers: [("127.0.0.1", server.port)], onLockLost: onLockLost)
-    }
-
-    /// What another client sees: `timeout` while the key is held, a grant (released at once)
-    /// when it is free.
-    private func isHeldElsewhere(_ key: String, port: Int? = nil) throws -> Bool {
-        let client = try RawClient(port: port ?? server.port)
-        defer { client.close() }
-        let reply = try client.send("l", key, "0")
-        if reply == "timeout" { return true }
-        let fields = reply.split(separator: " ")
-        #expect(fields.first == "ok", "unexpected reply \(reply)")
-        _ = try client.send("r", key, String(fields[1]))
-        return false
-    }
-
-    @Test func acquireHoldsUntilRelease() async throws {
-        let lock = try lock("lock-basic")
+    @Test(arguments: ServerKind.allCases)
+    func acquireHoldsUntilRelease(on kind: ServerKind) async throws {
+        let bed = try await Bed(kind)
+        let lock = try bed.lock("lock-basic")
         #expect(lock.state == .idle)
         #expect(try await lock.acquire())
         #expect(lock.state == .held)
         #expect(lock.token?.count == 32)
-        #expect(lock.lease == 33, "0.5.0's default lease")
-        #expect(try isHeldElsewhere("lock-basic"))
+        #expect(lock.lease == kind.defaultLeaseSeconds, "the server's default lease")
+        #expect(try bed.isHeldElsewhere("lock-basic"))
         try await lock.release()
         #expect(lock.state == .closed)
         #expect(lock.token == nil)
-        #expect(try !isHeldElsewhere("lock-basic"))
+        #expect(try !bed.isHeldElsewhere("lock-basic"))
     }
 
-    @Test func secondLockTimesOutThenGetsTheKeyAfterRelease() async throws {
-        let first = try lock("lock-contended")
-        let second = try lock("lock-contended", acquireTimeoutS: 1)
+    @Test(arguments: ServerKind.allCases)
+    func secondLockTimesOutThenGetsTheKeyAfterRelease(on kind: ServerKind) async throws {
+        let bed = try await Bed(kind)
+        let first = try bed.lock("lock-contended")
+        let second = try bed.lock("lock-contended", acquireTimeoutS: 1)
         #expect(try await first.acquire())
         let started = ContinuousClock.now
         #expect(try await second.acquire() == false)
@@ -58,12 +68,14 @@ struct LockTests {
         try await second.release()
     }
 
-    @Test func fiveWaitersAreGrantedInFifoOrder() async throws {
-        let holder = try lock("lock-fifo")
+    @Test(arguments: ServerKind.allCases)
+    func fiveWaitersAreGrantedInFifoOrder(on kind: ServerKind) async throws {
+        let bed = try await Bed(kind)
+        let holder = try bed.lock("lock-fifo")
         #expect(try await holder.acquire())
         var waiters: [DistributedLock] = []
         for _ in 0..<5 {
-            let waiter = try lock("lock-fifo", acquireTimeoutS: 20)
+            let waiter = try bed.lock("lock-fifo", acquireTimeoutS: 20)
             // enqueue answers only once the server has queued us, so the queue order is ours.
             #expect(try await waiter.enqueue() == .queued)
             waiters.append(waiter)
@@ -83,8 +95,10 @@ struct LockTests {
         #expect(order.items == [0, 1, 2, 3, 4])
     }
 
-    @Test func shortLeaseStaysHeldByRenewal() async throws {
-        let lock = try lock("lock-renewed", leaseTtlS: 2)
+    @Test(arguments: ServerKind.allCases)
+    func shortLeaseStaysHeldByRenewal(on kind: ServerKind) async throws {
+        let bed = try await Bed(kind)
+        let lock = try bed.lock("lock-renewed", leaseTtlS: 2)
         #expect(try await lock.acquire())
         let token = lock.token
         // 2 from the grant, or already 1 if a renewal (due after 1 s) beat this line.
@@ -92,17 +106,18 @@ struct LockTests {
         // Seven seconds is 3.5 leases: without renewal the key would be free well before.
         for _ in 0..<7 {
             try await Task.sleep(for: .seconds(1))
-            #expect(try isHeldElsewhere("lock-renewed"))
+            #expect(try bed.isHeldElsewhere("lock-renewed"))
             #expect(lock.state == .held)
             #expect(lock.token == token)
         }
-        // 0.5.0 answers a renewal with the seconds left, rounded down.
-        #expect(lock.lease == 1)
+        // 0.5.0 answers a renewal with the seconds left, rounded down; 1.10 with the full lease.
+        #expect(lock.lease == (kind == .python ? 1 : 2))
         try await lock.release()
     }
 
-    @Test func serverKilledWhileHeldReportsLockLostOnce() async throws {
-        let own = try await offThread { try RealServer.start() }
+    @Test(arguments: ServerKind.allCases)
+    func serverKilledWhileHeldReportsLockLostOnce(on kind: ServerKind) async throws {
+        let own = try await RealServer.launch(kind)
         let (lost, report) = AsyncStream<(String, String)>.makeStream()
         let calls = Recorder<String>()
         let lock = try DistributedLock(key: "lock-killed", servers: [("127.0.0.1", own.port)], onLockLost: { key, token in
@@ -123,8 +138,10 @@ struct LockTests {
         await #expect(throws: LockError.notConnected(key: "lock-killed")) { try await lock.release() }
     }
 
-    @Test func acquireWhileConnectedNeedsForce() async throws {
-        let lock = try lock("lock-force")
+    @Test(arguments: ServerKind.allCases)
+    func acquireWhileConnectedNeedsForce(on kind: ServerKind) async throws {
+        let bed = try await Bed(kind)
+        let lock = try bed.lock("lock-force")
         #expect(try await lock.acquire())
         let firstToken = lock.token
         await #expect(throws: LockError.alreadyConnected(key: "lock-force")) { try await lock.acquire() }
@@ -136,8 +153,10 @@ struct LockTests {
         try await lock.release()
     }
 
-    @Test func releaseAfterCloseOrReleaseThrows() async throws {
-        let lock = try lock("lock-release-twice")
+    @Test(arguments: ServerKind.allCases)
+    func releaseAfterCloseOrReleaseThrows(on kind: ServerKind) async throws {
+        let bed = try await Bed(kind)
+        let lock = try bed.lock("lock-release-twice")
         await #expect(throws: LockError.notConnected(key: "lock-release-twice")) { try await lock.release() }
         #expect(try await lock.acquire())
         lock.close()
@@ -146,12 +165,14 @@ struct LockTests {
         #expect(lock.state == .closed)
         await #expect(throws: LockError.notConnected(key: "lock-release-twice")) { try await lock.release() }
         // close() sent no release, but ending the session freed the key on the server.
-        #expect(try !isHeldElsewhere("lock-release-twice"))
+        #expect(try !bed.isHeldElsewhere("lock-release-twice"))
     }
 
-    @Test func twoPhaseEnqueueAndWait() async throws {
-        let first = try lock("lock-two-phase")
-        let second = try lock("lock-two-phase")
+    @Test(arguments: ServerKind.allCases)
+    func twoPhaseEnqueueAndWait(on kind: ServerKind) async throws {
+        let bed = try await Bed(kind)
+        let first = try bed.lock("lock-two-phase")
+        let second = try bed.lock("lock-two-phase")
         await #expect(throws: LockError.notEnqueued(key: "lock-two-phase")) { try await second.wait(timeoutS: 1) }
         #expect(try await first.enqueue() == .acquired)
         #expect(first.state == .held)
@@ -168,35 +189,41 @@ struct LockTests {
         try await second.release()
     }
 
-    @Test func withLockReleasesWhenTheBodyThrows() async throws {
+    @Test(arguments: ServerKind.allCases)
+    func withLockReleasesWhenTheBodyThrows(on kind: ServerKind) async throws {
+        let bed = try await Bed(kind)
         struct BodyFailed: Error, Equatable {}
-        let lock = try lock("lock-with-throwing")
+        let lock = try bed.lock("lock-with-throwing")
         await #expect(throws: BodyFailed()) {
             try await lock.withLock {
-                #expect(try isHeldElsewhere("lock-with-throwing"))
+                #expect(try bed.isHeldElsewhere("lock-with-throwing"))
                 throw BodyFailed()
             }
         }
         #expect(lock.state == .closed)
-        #expect(try !isHeldElsewhere("lock-with-throwing"))
+        #expect(try !bed.isHeldElsewhere("lock-with-throwing"))
         let value = try await lock.withLock { 42 }
         #expect(value == 42)
     }
 
-    @Test func withLockTimesOutWithAcquireTimeout() async throws {
-        let holder = try lock("lock-with-timeout")
+    @Test(arguments: ServerKind.allCases)
+    func withLockTimesOutWithAcquireTimeout(on kind: ServerKind) async throws {
+        let bed = try await Bed(kind)
+        let holder = try bed.lock("lock-with-timeout")
         #expect(try await holder.acquire())
-        let late = try lock("lock-with-timeout", acquireTimeoutS: 0)
+        let late = try bed.lock("lock-with-timeout", acquireTimeoutS: 0)
         await #expect(throws: LockError.acquireTimeout(key: "lock-with-timeout")) {
             try await late.withLock { Issue.record("the body must not run") }
         }
         try await holder.release()
     }
 
-    @Test func cancelledAcquireEndsTheSessionAndLeavesTheLockReusable() async throws {
-        let holder = try lock("lock-cancel")
+    @Test(arguments: ServerKind.allCases)
+    func cancelledAcquireEndsTheSessionAndLeavesTheLockReusable(on kind: ServerKind) async throws {
+        let bed = try await Bed(kind)
+        let holder = try bed.lock("lock-cancel")
         #expect(try await holder.acquire())
-        let waiter = try lock("lock-cancel", acquireTimeoutS: 30)
+        let waiter = try bed.lock("lock-cancel", acquireTimeoutS: 30)
         let task = Task { try await waiter.acquire() }
         await waitUntil { waiter.state == .queued }
         task.cancel()
@@ -207,8 +234,10 @@ struct LockTests {
         try await waiter.release()
     }
 
-    @Test func aDroppedLockStillCompletesItsOperationThenFreesTheKey() async throws {
-        let port = server.port
+    @Test(arguments: ServerKind.allCases)
+    func aDroppedLockStillCompletesItsOperationThenFreesTheKey(on kind: ServerKind) async throws {
+        let bed = try await Bed(kind)
+        let port = bed.server.port
         let acquired = await withCheckedContinuation { (done: CheckedContinuation<Result<Bool, LockError>, Never>) in
             // No reference survives this statement but the lock's own.
             try! DistributedLock(key: "lock-dropped", servers: [("127.0.0.1", port)]).acquire { done.resume(returning: $0) }
@@ -221,8 +250,10 @@ struct LockTests {
         #expect(grant != nil, "the dropped lock's session was never closed")
     }
 
-    @Test func completionHandlerFormRunsOnTheLoopThread() async throws {
-        let lock = try lock("lock-callbacks")
+    @Test(arguments: ServerKind.allCases)
+    func completionHandlerFormRunsOnTheLoopThread(on kind: ServerKind) async throws {
+        let bed = try await Bed(kind)
+        let lock = try bed.lock("lock-callbacks")
         let loop = lock.loop
         let results = await withCheckedContinuation { (done: CheckedContinuation<[String], Never>) in
             lock.acquire { acquired in
@@ -236,16 +267,18 @@ struct LockTests {
         #expect(results == ["acquire success(true) onLoop=true", "release success() onLoop=true"])
     }
 
-    @Test func eachKeyLivesOnTheServerStableHashShardPicks() async throws {
-        let others = try await offThread { try RealServer.startMany(2) }
-        let ports = [server.port, others[0].port, others[1].port]
+    @Test(arguments: ServerKind.allCases)
+    func eachKeyLivesOnTheServerStableHashShardPicks(on kind: ServerKind) async throws {
+        let bed = try await Bed(kind)
+        let others = try await RealServer.launchMany(2, kind)
+        let ports = [bed.server.port, others[0].port, others[1].port]
         let servers = ports.map { ("127.0.0.1", $0) }
         for key in ["my-resource", "a", "bench-0", "clé-锁", "orders/42", "shard-x", "shard-y"] {
             let lock = try DistributedLock(key: key, servers: servers)
             #expect(try await lock.acquire())
             let chosen = stableHashShard(key, 3)
             for (index, port) in ports.enumerated() {
-                #expect(try isHeldElsewhere(key, port: port) == (index == chosen), "\(key) on server \(index)")
+                #expect(try bed.isHeldElsewhere(key, port: port) == (index == chosen), "\(key) on server \(index)")
             }
             try await lock.release()
         }

@@ -62,7 +62,7 @@ struct LoopTests {
             try await connection.release(key: key, token: grant.token)
         }
         #expect(await LoopProbe.batchingWaits(loop) == 0)
-        #expect(await LoopProbe.handles(loop).sorted() == ["async", "prepare", "tcp"])
+        #expect(await LoopProbe.handles(loop).sorted() == ["async", "prepare", "tcp", "timer"])
     }
 
     @Test("a batching window waits after a turn that read from several connections; shutdown closes its handle")

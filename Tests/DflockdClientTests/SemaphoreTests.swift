@@ -1,116 +1,104 @@
 import Testing
 @testable import DflockdClient
 
-/// Semaphores and stats, which the 0.5.0 server lacks: replayed from the Go 1.10 transcripts.
+/// Semaphores, which the 0.5.0 server lacks: against the real Go dflockd 1.10.0.
 @Suite(.timeLimit(.minutes(1)))
 struct SemaphoreTests {
-    /// The steps of one transcript section, without the last `drop` lines.
-    private func section(_ title: String, of transcript: String, droppingLast drop: Int = 0) throws -> String {
-        let text = try TestSupport.transcript(transcript)
-        let lines = text.split(separator: "\n", omittingEmptySubsequences: false)
-        let start = try #require(lines.firstIndex { $0 == "## \(title)" }, "no section \(title)")
-        let rest = lines[(start + 1)...]
-        let end = rest.firstIndex { $0.hasPrefix("## ") } ?? rest.endIndex
-        let steps = rest[..<end].filter { !$0.isEmpty }
-        return steps.dropLast(drop).joined(separator: "\n")
-    }
-
-    @Test func recordedSemaphoreExchangeReplaysThroughConnection() async throws {
-        // The section ends with `sl … 5 0` (lease 0), which this client refuses to send.
-        let peer = try ScriptedPeer(script: section("semaphore: limit 2, third waits, limit mismatch, two-phase",
-                                                    of: "go-1.10-core.txt", droppingLast: 2))
-        let a = try Connection(port: peer.port)
-        let b = try Connection(port: peer.port)
-        let c = try Connection(port: peer.port)
+    @Test func connectionSemaphoreCommandsOnTheGoServer() async throws {
+        let server = try await RealServer.launch(.go)
+        let a = try Connection(port: server.port)
+        let b = try Connection(port: server.port)
+        let c = try Connection(port: server.port)
         defer { [a, b, c].forEach { $0.close() } }
 
         let first = try #require(try await a.acquireSemaphore(key: "pool", limit: 2, timeoutS: 5))
-        #expect(first == Grant(token: "45d099c205a29b62451df05fe4fe68f5", leaseS: 33))
+        #expect(first.leaseS == ServerKind.go.defaultLeaseSeconds)
+        #expect(first.token.count == 32)
         let second = try #require(try await b.acquireSemaphore(key: "pool", limit: 2, timeoutS: 5, leaseTtlS: 30))
         #expect(second.leaseS == 30)
-        #expect(try await c.acquireSemaphore(key: "pool", limit: 2, timeoutS: 0) == nil, "the third holder waits")
+        #expect(try await c.acquireSemaphore(key: "pool", limit: 2, timeoutS: 0) == nil, "a third holder would exceed the limit")
         await #expect(throws: LockError.limitMismatch(key: "pool")) {
             try await c.acquireSemaphore(key: "pool", limit: 3, timeoutS: 0)
         }
         await #expect(throws: LockError.limitMismatch(key: "pool")) { try await c.acquire(key: "pool", timeoutS: 0) }
-        #expect(try await a.renewSemaphore(key: "pool", token: first.token) == 33)
+        #expect(try await a.renewSemaphore(key: "pool", token: first.token) == 33, "1.10 answers a renewal with the full lease")
         #expect(try await a.renewSemaphore(key: "pool", token: first.token, leaseTtlS: 40) == 40)
         #expect(try await c.enqueueSemaphore(key: "pool", limit: 2) == .queued)
         async let third = c.waitSemaphore(key: "pool", timeoutS: 5)
         try await a.releaseSemaphore(key: "pool", token: first.token)
-        let granted = try #require(try await third)
-        #expect(granted.token == "f9805161a99435a2f9b734234e4b5dcb")
+        let granted = try #require(try await third, "a's release admits the queued holder")
+        #expect(granted.token != first.token)
         try await c.releaseSemaphore(key: "pool", token: granted.token)
         try await b.releaseSemaphore(key: "pool", token: second.token)
         await #expect(throws: LockError.notHeld(key: "pool")) {
             try await b.releaseSemaphore(key: "pool", token: second.token)
         }
-        try await peer.finish()
     }
 
     @Test func distributedSemaphoreAdmitsUpToLimitAndRenewsWithAndWithoutTtl() async throws {
-        let peer = try ScriptedPeer(script: """
-            A > b'sl\\npool\\n5 2\\n'
-            A < ok 000000000000000a59c1e0a4b2d3f001 2
-            B > b'sl\\npool\\n5 2 30\\n'
-            B < ok 0000000000000000000000000000000b 2
-            C > b'sl\\npool\\n0 2\\n'
-            C < timeout
-            A > b'sn\\npool\\n000000000000000a59c1e0a4b2d3f001\\n'
-            A < ok 31
-            B > b'sn\\npool\\n0000000000000000000000000000000b 30\\n'
-            B < ok 29
-            A > b'sr\\npool\\n000000000000000a59c1e0a4b2d3f001\\n'
-            A < ok
-            B > b'sr\\npool\\n0000000000000000000000000000000b\\n'
-            B < ok
-            """)
+        let server = try await RealServer.launch(.go)
         func semaphore(_ leaseTtlS: Int?, acquireTimeoutS: Int = 5) throws -> DistributedSemaphore {
             try DistributedSemaphore(key: "pool", limit: 2, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS,
-                                     servers: [("127.0.0.1", peer.port)])
+                                     servers: [("127.0.0.1", server.port)])
         }
-        let a = try semaphore(nil)
-        let b = try semaphore(30)
+        let a = try semaphore(2)
+        let b = try semaphore(3)
         let c = try semaphore(nil, acquireTimeoutS: 0)
         #expect(a.limit == 2)
         #expect(try await a.acquire())
         #expect(try await b.acquire())
-        #expect(try await c.acquire() == false)
+        #expect(try await c.acquire() == false, "the limit is 2")
         #expect(c.state == .closed)
-        // Granted 2 s: each renews once after 1 s (B with its TTL); the answers show up as
-        // `lease`, and the next renewal is maxIdleMs (10 s) away, after the test.
-        await waitUntil { a.lease == 31 && b.lease == 29 }
-        #expect(a.fence == 10, "a token's first 16 hex digits are its fence")
+        // Five seconds are 2.5 of a's leases: both stay held only by renewing.
+        try await Task.sleep(for: .seconds(5))
+        #expect(a.state == .held && b.state == .held)
+        #expect(try await c.acquire() == false, "both holders still count against the limit")
+        let stats = try await DflockdClient.stats(port: server.port)
+        #expect(stats.semaphores.first { $0.key == "pool" }?.holders == 2)
         try await a.release()
+        #expect(try await c.acquire(), "a's release freed a slot")
         try await b.release()
-        try await peer.finish()
+        try await c.release()
     }
 
     @Test func semaphoreLimitMismatchIsItsOwnError() async throws {
-        let peer = try ScriptedPeer(script: """
-            A > b'sl\\npool\\n0 3\\n'
-            A < error_limit_mismatch
-            """)
-        let semaphore = try DistributedSemaphore(key: "pool", limit: 3, acquireTimeoutS: 0, servers: [("127.0.0.1", peer.port)])
-        await #expect(throws: LockError.limitMismatch(key: "pool")) { try await semaphore.acquire() }
-        #expect(semaphore.state == .closed)
-        try await peer.finish()
+        let server = try await RealServer.launch(.go)
+        let holder = try DistributedSemaphore(key: "pool", limit: 2, servers: [("127.0.0.1", server.port)])
+        #expect(try await holder.acquire())
+        let other = try DistributedSemaphore(key: "pool", limit: 3, acquireTimeoutS: 0, servers: [("127.0.0.1", server.port)])
+        await #expect(throws: LockError.limitMismatch(key: "pool")) { try await other.acquire() }
+        #expect(other.state == .closed)
+        try await holder.release()
     }
 
     @Test func twoPhaseSemaphore() async throws {
-        let peer = try ScriptedPeer(script: """
-            C > b'se\\npool\\n2\\n'
-            C < queued
-            C > b'sw\\npool\\n5\\n'
-            C < ok f9805161a99435a2f9b734234e4b5dcb 33
-            C > b'sr\\npool\\nf9805161a99435a2f9b734234e4b5dcb\\n'
-            C < ok
-            """)
-        let semaphore = try DistributedSemaphore(key: "pool", limit: 2, servers: [("127.0.0.1", peer.port)])
+        let server = try await RealServer.launch(.go)
+        let holder = try DistributedSemaphore(key: "pool", limit: 1, servers: [("127.0.0.1", server.port)])
+        #expect(try await holder.enqueue() == .acquired)
+        let semaphore = try DistributedSemaphore(key: "pool", limit: 1, servers: [("127.0.0.1", server.port)])
         #expect(try await semaphore.enqueue() == .queued)
-        #expect(try await semaphore.wait(timeoutS: 5))
-        #expect(semaphore.token == "f9805161a99435a2f9b734234e4b5dcb")
+        #expect(try await semaphore.wait(timeoutS: 1) == false)
+        #expect(try await semaphore.enqueue() == .queued)
+        async let granted = semaphore.wait(timeoutS: 10)
+        try await holder.release()
+        #expect(try await granted)
+        #expect(semaphore.token?.count == 32)
         try await semaphore.release()
+    }
+
+    /// Replayed: only 2.x servers issue fencing tokens (1.10's are random), and neither server
+    /// here is 2.x.
+    @Test func fenceOfASemaphoreTokenIsItsFirstSixteenHexDigits() async throws {
+        let peer = try ScriptedPeer(script: """
+            A > b'sl\\npool\\n5 2\\n'
+            A < ok 000000000000000a59c1e0a4b2d3f001 33
+            A > b'sr\\npool\\n000000000000000a59c1e0a4b2d3f001\\n'
+            A < ok
+            """)
+        let a = try DistributedSemaphore(key: "pool", limit: 2, acquireTimeoutS: 5, servers: [("127.0.0.1", peer.port)])
+        #expect(try await a.acquire())
+        #expect(a.fence == 10)
+        try await a.release()
         try await peer.finish()
     }
 
@@ -123,42 +111,49 @@ struct SemaphoreTests {
 
 @Suite(.timeLimit(.minutes(1)))
 struct StatsTests {
+    /// A reply recorded from dflockd 1.10 (transcripts/go-1.10-core.txt), for the malformed-reply cases.
     private static let recordedJSON = #"{"connections":3,"locks":[{"key":"s1","owner_conn_id":20,"lease_expires_in_s":32.799063312,"waiters":1}],"semaphores":[],"idle_locks":[{"key":"drop","idle_s":10.070362386},{"key":"hot","idle_s":11.472803744},{"key":"short","idle_s":8.419566747},{"key":"job","idle_s":12.874895068},{"key":"clé-锁","idle_s":0.403538947},{"key":"crlf","idle_s":0.404058307},{"key":"two","idle_s":10.271117545}],"idle_semaphores":[{"key":"pool","idle_s":0.201914348}]}"#
 
-    @Test func recordedStatsReplyDecodes() async throws {
-        let peer = try ScriptedPeer(transcript: "go-1.10-core.txt", section: "stats")
-        let a = try Connection(port: peer.port)
-        let b = try Connection(port: peer.port)
-        let s = try Connection(port: peer.port)
+    @Test func statsOfTheGoServerDescribeItsLocksSemaphoresAndIdleKeys() async throws {
+        let server = try await RealServer.launch(.go)
+        let a = try Connection(port: server.port)
+        let b = try Connection(port: server.port)
+        let s = try Connection(port: server.port)
         defer { [a, b, s].forEach { $0.close() } }
-        // The peer binds A, B, S to connections in the order it accepts them.
         for connection in [a, b, s] { try await connection.connect() }
+        let idle = try #require(try await a.acquire(key: "clé-锁", timeoutS: 5))
+        try await a.release(key: "clé-锁", token: idle.token)
         let held = try #require(try await a.acquire(key: "s1", timeoutS: 5))
-        async let waiting = b.acquire(key: "s1", timeoutS: 5)
+        #expect(try await b.enqueue(key: "s1") == .queued)
+        let pool = try #require(try await s.acquireSemaphore(key: "pool", limit: 3, timeoutS: 5))
+
         let stats = try await s.stats()
         #expect(stats.connections == 3)
-        #expect(stats.locks == [.init(key: "s1", ownerConnId: 20, leaseExpiresInS: 32.799063312, waiters: 1)])
-        #expect(stats.semaphores.isEmpty)
-        #expect(stats.idleLocks.count == 7)
-        #expect(stats.idleLocks.contains(.init(key: "clé-锁", idleS: 0.403538947)))
-        #expect(stats.idleSemaphores == [.init(key: "pool", idleS: 0.201914348)])
+        let lock = try #require(stats.locks.first { $0.key == "s1" })
+        #expect(lock.waiters == 1)
+        #expect(lock.leaseExpiresInS > 30 && lock.leaseExpiresInS <= 33)
+        #expect(stats.semaphores.map(\.key) == ["pool"])
+        #expect(stats.semaphores.first?.limit == 3 && stats.semaphores.first?.holders == 1)
+        #expect(stats.idleLocks.map(\.key).contains("clé-锁"), "a released key stays known, idle, until GC")
+
+        try await s.releaseSemaphore(key: "pool", token: pool.token)
         try await a.release(key: "s1", token: held.token)
-        let granted = try #require(try await waiting)
+        let granted = try #require(try await b.wait(key: "s1", timeoutS: 5))
         try await b.release(key: "s1", token: granted.token)
-        try await peer.finish()
+        let after = try await DflockdClient.stats(port: server.port)
+        #expect(after.locks.isEmpty && after.semaphores.isEmpty)
+        #expect(after.idleSemaphores.map(\.key) == ["pool"])
     }
 
     @Test func statsFunctionUsesAShortLivedConnection() async throws {
-        let peer = try ScriptedPeer(script: """
-            S > b'stats\\n_\\n\\n'
-            S < ok \(Self.recordedJSON)
-            S ! closed by client
-            """)
-        let stats = try await DflockdClient.stats(port: peer.port)
-        #expect(stats.idleLocks.map(\.key) == ["drop", "hot", "short", "job", "clé-锁", "crlf", "two"])
-        try await peer.finish()
+        let server = try await RealServer.launch(.go)
+        let before = try await DflockdClient.stats(port: server.port)
+        #expect(before.connections == 1, "only the stats call's own connection")
+        let after = try await DflockdClient.stats(port: server.port)
+        #expect(after.connections == 1, "the first call's connection was closed")
     }
 
+    /// Replayed: no real server sends a malformed stats reply.
     @Test(arguments: [
         String(recordedJSON.dropLast(20)),
         "not json at all",
@@ -190,7 +185,8 @@ struct StatsTests {
     }
 }
 
-/// `ping` keep-alives for 2.x servers, replayed by a scripted peer.
+/// `ping` keep-alives for 2.x servers, replayed by a scripted peer: neither server here speaks
+/// `ping` (1.10 answers `error`, 0.5.0 closes the connection).
 @Suite(.timeLimit(.minutes(1)))
 struct KeepAliveTests {
     @Test func anIdleConnectionPingsEveryKeepAliveInterval() async throws {

@@ -51,10 +51,9 @@ struct ServerVersionTests {
             }
         }
 
-        @Test("notLeader leaves the connection usable, and says what to do")
-        func recoverableAndDescribed() {
-            #expect(ReplyDecoder.isRecoverable(.notLeader(leader: "h:1")))
-            #expect(ReplyDecoder.isRecoverable(.notLeader(leader: nil)))
+        /// That it leaves the connection usable is tested on a connection (ClusterConnection).
+        @Test("notLeader says what to do")
+        func described() {
             let named = LockError.notLeader(leader: "10.0.0.2:6389").description
             #expect(named.contains("10.0.0.2:6389") && named.contains("servers"), "\(named)")
             let nobody = LockError.notLeader(leader: nil).description

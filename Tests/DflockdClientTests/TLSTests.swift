@@ -7,36 +7,22 @@ import Testing
 import Glibc
 #endif
 
-/// TLS on the wire: stunnel4 terminates TLS in front of the real dflockd 0.5.0, with
-/// certificates the tests make with `openssl` (Support/TLSFixture.swift).
+/// TLS on the wire, against two real TLS servers (certificates the tests make with `openssl`,
+/// Support/TLSFixture.swift): the Go dflockd 1.10.0's own TLS (`--tls-cert/--tls-key`), and
+/// stunnel4 terminating TLS in front of dflockd 0.5.0. Tests of what the server side does run
+/// on both (`TLSServer`); mutual TLS only behind stunnel (1.10 asks for no client certificate).
 @Suite(.timeLimit(.minutes(3)))
 struct TLSTests {
     let pki: TestPKI
-    let server: RealServer
-    let tunnel: Stunnel
 
     init() async throws {
-        // One dflockd and one stunnel in front of it for the whole suite (tests use keys of
-        // their own); a test that needs another setup starts its own.
-        (pki, server, tunnel) = try await offThePool { try SharedTLSBackend.get() }
+        pki = try await offThePool { try TLSFixture.pki() }
     }
 
-    private func lock(_ key: String, host: String = "127.0.0.1", port: Int? = nil, tls: TLSOptions,
+    private func lock(_ key: String, host: String = "127.0.0.1", port: Int, tls: TLSOptions,
                       leaseTtlS: Int? = nil, connectTimeoutMs: Int? = 10_000) throws -> DistributedLock {
-        try DistributedLock(key: key, acquireTimeoutS: 5, leaseTtlS: leaseTtlS, servers: [(host, port ?? tunnel.port)],
+        try DistributedLock(key: key, acquireTimeoutS: 5, leaseTtlS: leaseTtlS, servers: [(host, port)],
                             tls: tls, connectTimeoutMs: connectTimeoutMs)
-    }
-
-    /// Whether another client, on the plain server port, finds the key taken.
-    private func isHeldOnServer(_ key: String) throws -> Bool {
-        let client = try RawClient(port: server.port)
-        defer { client.close() }
-        let reply = try client.send("l", key, "0")
-        if reply == "timeout" { return true }
-        let fields = reply.split(separator: " ")
-        #expect(fields.first == "ok", "unexpected reply \(reply)")
-        _ = try client.send("r", key, String(fields[1]))
-        return false
     }
 
     /// The failure of `acquire()`, which must be a `LockError`.
@@ -61,9 +47,11 @@ struct TLSTests {
 
     // MARK: - A lock over TLS
 
-    @Test func lockOverTLSIsAcquiredRenewedAndReleased() async throws {
+    @Test(arguments: TLSServer.allCases)
+    func lockOverTLSIsAcquiredRenewedAndReleased(on server: TLSServer) async throws {
+        let bed = try await server.shared()
         // By IP: the certificate's IP:127.0.0.1 SAN is what is verified.
-        let lock = try lock("tls-renewed", tls: TLSOptions(caFile: pki.caFile), leaseTtlS: 2)
+        let lock = try lock("tls-renewed", port: bed.tlsPort, tls: TLSOptions(caFile: pki.caFile), leaseTtlS: 2)
         #expect(try await lock.acquire())
         #expect(lock.state == .held)
         let token = lock.token
@@ -71,25 +59,29 @@ struct TLSTests {
         // Five seconds is 2.5 leases: without renewals over TLS the key would be free.
         for _ in 0..<5 {
             try await Task.sleep(for: .seconds(1))
-            #expect(try isHeldOnServer("tls-renewed"))
+            #expect(try await bed.isHeld("tls-renewed"))
             #expect(lock.state == .held)
             #expect(lock.token == token)
         }
         try await lock.release()
         #expect(lock.state == .closed)
-        #expect(try !isHeldOnServer("tls-renewed"))
+        #expect(try await !bed.isHeld("tls-renewed"))
     }
 
-    @Test func connectingToLocalhostVerifiesTheDNSName() async throws {
-        let lock = try lock("tls-localhost", host: "localhost", tls: TLSOptions(caFile: pki.caFile))
+    @Test(arguments: TLSServer.allCases)
+    func connectingToLocalhostVerifiesTheDNSName(on server: TLSServer) async throws {
+        let bed = try await server.shared()
+        let lock = try lock("tls-localhost", host: "localhost", port: bed.tlsPort, tls: TLSOptions(caFile: pki.caFile))
         #expect(try await lock.acquire())
-        #expect(try isHeldOnServer("tls-localhost"))
+        #expect(try await bed.isHeld("tls-localhost"))
         try await lock.release()
-        #expect(try !isHeldOnServer("tls-localhost"))
+        #expect(try await !bed.isHeld("tls-localhost"))
     }
 
-    @Test func rawConnectionCommandsWorkOverTLS() async throws {
-        let connection = try Connection(host: "localhost", port: tunnel.port, tls: TLSOptions(caFile: pki.caFile), connectTimeoutMs: 10_000)
+    @Test(arguments: TLSServer.allCases)
+    func rawConnectionCommandsWorkOverTLS(on server: TLSServer) async throws {
+        let bed = try await server.shared()
+        let connection = try Connection(host: "localhost", port: bed.tlsPort, tls: TLSOptions(caFile: pki.caFile), connectTimeoutMs: 10_000)
         defer { connection.close() }
         let grant = try #require(try await connection.acquire(key: "tls-raw", timeoutS: 1, leaseTtlS: 30))
         #expect(grant.token.count == 32)
@@ -102,50 +94,62 @@ struct TLSTests {
         #expect(ga != nil && gb != nil)
         #expect(gc == nil, "the session already holds tls-raw; a second l times out")
         try await connection.release(key: "tls-raw", token: grant.token)
-        #expect(try !isHeldOnServer("tls-raw"))
+        #expect(try await !bed.isHeld("tls-raw"))
     }
 
     // MARK: - Verification
 
-    @Test func systemStoreDoesNotTrustThePrivateCA() async throws {
-        let error = await acquireError(try lock("tls-system-store", tls: TLSOptions()))
+    @Test(arguments: TLSServer.allCases)
+    func systemStoreDoesNotTrustThePrivateCA(on server: TLSServer) async throws {
+        let bed = try await server.shared()
+        let error = await acquireError(try lock("tls-system-store", port: bed.tlsPort, tls: TLSOptions()))
         let reason = try #require(tlsReason(error), "expected LockError.tls, got \(String(describing: error))")
         #expect(reason.hasPrefix("certificate verify failed: unable to get local issuer certificate"), "\(reason)")
         #expect(error?.description.contains("set caFile") == true, "\(String(describing: error))")
     }
 
-    @Test func certificateFromAnotherCAFailsVerification() async throws {
-        let other = try await offThePool { [server] in try Stunnel.start(backendPort: server.port, certificate: .otherCA) }
-        let error = await acquireError(try lock("tls-other-ca", port: other.port, tls: TLSOptions(caFile: pki.caFile)))
+    @Test(arguments: TLSServer.allCases)
+    func certificateFromAnotherCAFailsVerification(on server: TLSServer) async throws {
+        let bed = try await server.shared()
+        let other = try await bed.withOtherCA()
+        let error = await acquireError(try lock("tls-other-ca", port: other.tlsPort, tls: TLSOptions(caFile: pki.caFile)))
         let reason = try #require(tlsReason(error), "expected LockError.tls, got \(String(describing: error))")
         #expect(reason.contains("certificate verify failed: unable to get local issuer certificate"), "\(reason)")
-        #expect(try !isHeldOnServer("tls-other-ca"))
+        #expect(try await !other.isHeld("tls-other-ca"))
     }
 
-    @Test func insecureSkipVerifyAcceptsAnyCertificate() async throws {
-        let other = try await offThePool { [server] in try Stunnel.start(backendPort: server.port, certificate: .otherCA) }
-        let lock = try lock("tls-insecure", port: other.port, tls: TLSOptions(serverName: "wrong.example", insecureSkipVerify: true))
+    @Test(arguments: TLSServer.allCases)
+    func insecureSkipVerifyAcceptsAnyCertificate(on server: TLSServer) async throws {
+        let bed = try await server.shared()
+        let other = try await bed.withOtherCA()
+        let lock = try lock("tls-insecure", port: other.tlsPort, tls: TLSOptions(serverName: "wrong.example", insecureSkipVerify: true))
         #expect(try await lock.acquire())
         try await lock.release()
     }
 
-    @Test func hostNameMismatchFails() async throws {
-        let error = await acquireError(try lock("tls-wrong-name", tls: TLSOptions(caFile: pki.caFile, serverName: "wrong.example")))
+    @Test(arguments: TLSServer.allCases)
+    func hostNameMismatchFails(on server: TLSServer) async throws {
+        let bed = try await server.shared()
+        let error = await acquireError(try lock("tls-wrong-name", port: bed.tlsPort, tls: TLSOptions(caFile: pki.caFile, serverName: "wrong.example")))
         let reason = try #require(tlsReason(error), "expected LockError.tls, got \(String(describing: error))")
         #expect(reason.hasPrefix("certificate verify failed: hostname mismatch"), "\(reason)")
         #expect(reason.contains("'wrong.example'"), "\(reason)")
     }
 
-    @Test func ipAddressMismatchFails() async throws {
+    @Test(arguments: TLSServer.allCases)
+    func ipAddressMismatchFails(on server: TLSServer) async throws {
+        let bed = try await server.shared()
         // The certificate names IP 127.0.0.1, not 127.0.0.2.
-        let error = await acquireError(try lock("tls-wrong-ip", tls: TLSOptions(caFile: pki.caFile, serverName: "127.0.0.2")))
+        let error = await acquireError(try lock("tls-wrong-ip", port: bed.tlsPort, tls: TLSOptions(caFile: pki.caFile, serverName: "127.0.0.2")))
         let reason = try #require(tlsReason(error), "expected LockError.tls, got \(String(describing: error))")
         #expect(reason.hasPrefix("certificate verify failed: IP address mismatch"), "\(reason)")
     }
 
-    @Test func serverNameOverridesTheHostConnectedTo() async throws {
+    @Test(arguments: TLSServer.allCases)
+    func serverNameOverridesTheHostConnectedTo(on server: TLSServer) async throws {
+        let bed = try await server.shared()
         // Connected by IP, verified as localhost (the DNS SAN).
-        let lock = try lock("tls-server-name", tls: TLSOptions(caFile: pki.caFile, serverName: "localhost"))
+        let lock = try lock("tls-server-name", port: bed.tlsPort, tls: TLSOptions(caFile: pki.caFile, serverName: "localhost"))
         #expect(try await lock.acquire())
         try await lock.release()
     }
@@ -153,11 +157,13 @@ struct TLSTests {
     // MARK: - Mutual TLS
 
     @Test func clientCertificateIsPresentedWhenConfigured() async throws {
+        let bed = try await TLSServer.stunnelPython.shared()
+        let server = try #require(bed.plainServer)
         let mutual = try await offThePool { [server] in try Stunnel.start(backendPort: server.port, requireClientCertificate: true) }
         let withCertificate = try lock("tls-mutual", port: mutual.port,
                                        tls: TLSOptions(caFile: pki.caFile, certificateFile: pki.clientCertificate, privateKeyFile: pki.clientKey))
         #expect(try await withCertificate.acquire())
-        #expect(try isHeldOnServer("tls-mutual"))
+        #expect(try await bed.isHeld("tls-mutual"))
         try await withCertificate.release()
 
         // Certificate and key in one PEM file.
@@ -173,7 +179,7 @@ struct TLSTests {
         // Whether the alert is read or a reset comes first, the error says what was missing.
         #expect(reason.hasPrefix("the server asked for a client certificate and none is configured"), "\(reason)")
         #expect(await mutual.logContains("peer did not return a certificate"), "\(mutual.logTail())")
-        #expect(try !isHeldOnServer("tls-mutual"))
+        #expect(try await !bed.isHeld("tls-mutual"))
     }
 
     // MARK: - Options checked at construction
@@ -245,8 +251,11 @@ struct TLSTests {
         #expect(elapsed < .seconds(3))
     }
 
-    @Test func plainServerGivesATLSErrorWithOpenSSLsReason() async throws {
-        let lock = try lock("tls-to-plain", port: server.port, tls: TLSOptions(caFile: pki.caFile), connectTimeoutMs: 10_000)
+    @Test(arguments: TLSServer.allCases)
+    func plainServerGivesATLSErrorWithOpenSSLsReason(on server: TLSServer) async throws {
+        let bed = try await server.shared()
+        let plain = try await bed.plainServerOfTheSameKind()
+        let lock = try lock("tls-to-plain", port: plain.port, tls: TLSOptions(caFile: pki.caFile), connectTimeoutMs: 10_000)
         let error = await acquireError(lock)
         let reason = try #require(tlsReason(error), "expected LockError.tls, got \(String(describing: error))")
         // dflockd answers the ClientHello with a plain `error` line, or just closes.
@@ -284,7 +293,9 @@ struct TLSTests {
         }
     }
 
-    @Test func heldBackPlaintextIsSentEncryptedAfterTheHandshake() async throws {
+    @Test(arguments: TLSServer.allCases)
+    func heldBackPlaintextIsSentEncryptedAfterTheHandshake(on server: TLSServer) async throws {
+        let bed = try await server.shared()
         let loop = EventLoop.shared
         let options = TLSOptions(caFile: pki.caFile)
         let transport = UncheckedSendable(TLSTransport(loop: loop, context: try TLSContext.shared(for: options), options: options))
@@ -294,7 +305,7 @@ struct TLSTests {
                 probe.onLine = { done.resume(returning: $0) }
                 transport.value.delegate = probe
                 Array("l\ntls-held-back\n5\n".utf8).withUnsafeBytes { transport.value.write($0) }
-                transport.value.connect(to: Endpoint(host: "127.0.0.1", port: tunnel.port), timeoutMilliseconds: 10_000)
+                transport.value.connect(to: Endpoint(host: "127.0.0.1", port: bed.tlsPort), timeoutMilliseconds: 10_000)
             }
         }
         #expect(line.hasPrefix("ok "), "\(line); events: \(probe.events)")
@@ -317,21 +328,21 @@ struct TLSTests {
 
     // MARK: - Many
 
-    @Test(.timeLimit(.minutes(3)))
-    func fiveHundredConcurrentTLSLocksHoldAndReleaseCleanly() async throws {
+    @Test(.timeLimit(.minutes(3)), arguments: TLSServer.allCases)
+    func fiveHundredConcurrentTLSLocksHoldAndReleaseCleanly(on server: TLSServer) async throws {
         let count = 500
-        let server = try await offThePool { try RealServer.start(["--max-locks", "2000"]) }
-        let tunnel = try await offThePool { try Stunnel.start(backendPort: server.port) }
+        let bed = try await server.start(maxLocks: 2000)
+        let tunnelPort = bed.tlsPort
         let loop = EventLoop()
         defer { loop.shutdown() }
         let options = TLSOptions(caFile: pki.caFile)
         let locks = try (0..<count).map { index in
-            try DistributedLock(key: "tls-many-\(index)", acquireTimeoutS: 30, servers: [("127.0.0.1", tunnel.port)],
+            try DistributedLock(key: "tls-many-\(index)", acquireTimeoutS: 30, servers: [("127.0.0.1", tunnelPort)],
                                 tls: options, connectTimeoutMs: 60_000, loop: loop)
         }
         // Other suites run in parallel and open descriptors of their own, so the count that must
         // return to its start is that of this process's sockets connected to this stunnel.
-        #expect(FileDescriptors.sockets(connectedToPort: tunnel.port) == 0)
+        #expect(FileDescriptors.sockets(connectedToPort: tunnelPort) == 0)
         let totalBefore = FileDescriptors.count()
         let heapBefore = FileDescriptors.heapInUseKiB()
         let started = ContinuousClock.now
@@ -347,14 +358,12 @@ struct TLSTests {
         }
         let acquiredIn = ContinuousClock.now - started
         #expect(locks.allSatisfy { $0.state == .held })
-        #expect(FileDescriptors.sockets(connectedToPort: tunnel.port) == count)
+        #expect(FileDescriptors.sockets(connectedToPort: tunnelPort) == count)
         let heapHeld = FileDescriptors.heapInUseKiB()
 
         // The server agrees: every key is taken.
-        let raw = try RawClient(port: server.port)
-        let held = try await offThePool {
-            try (0..<count).filter { try raw.send("l", "tls-many-\($0)", "0") == "timeout" }.count
-        }
+        var held = 0
+        for index in 0..<count where try await bed.isHeld("tls-many-\(index)") { held += 1 }
         #expect(held == count)
 
         try await withThrowingTaskGroup(of: Void.self) { group in
@@ -366,22 +375,15 @@ struct TLSTests {
         #expect(locks.allSatisfy { $0.state == .closed })
         // Let the loop run the close callbacks.
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in loop.execute { loop.execute { c.resume() } } }
-        #expect(FileDescriptors.sockets(connectedToPort: tunnel.port) == 0)
+        #expect(FileDescriptors.sockets(connectedToPort: tunnelPort) == 0)
         // Every handle is closed: only the loop's own wake-up handle is left.
         #expect(await FileDescriptors.handleCount(on: loop) == 1)
 
-        let free = try await offThePool {
-            try (0..<count).filter { index in
-                let fields = try raw.send("l", "tls-many-\(index)", "0").split(separator: " ")
-                guard fields.first == "ok" else { return false }
-                _ = try raw.send("r", "tls-many-\(index)", String(fields[1]))
-                return true
-            }.count
-        }
+        var free = 0
+        for index in 0..<count where try await !bed.isHeld("tls-many-\(index)") { free += 1 }
         #expect(free == count)
-        raw.close()
         let totalAfter = FileDescriptors.count()
-        print("TLS × \(count): acquired in \(acquiredIn), RSS after malloc_trim \(heapBefore) KiB → \(heapHeld) KiB held (≈ \((heapHeld - heapBefore) / count) KiB per TLS lock, all sessions open); descriptors in the process \(totalBefore) → \(totalAfter)")
+        print("TLS × \(count) on \(server.testDescription): acquired in \(acquiredIn), RSS after malloc_trim \(heapBefore) KiB → \(heapHeld) KiB held (≈ \((heapHeld - heapBefore) / count) KiB per TLS lock, all sessions open); descriptors in the process \(totalBefore) → \(totalAfter)")
     }
 }
 
@@ -476,28 +478,125 @@ enum FileDescriptors {
     }
 }
 
-/// The suite's shared dflockd and stunnel, started on first use and stopped at exit.
-enum SharedTLSBackend {
-    private static let started = ThreadLock<(RealServer, Stunnel)?>(nil)
+/// A real TLS dflockd endpoint for the tests: the Go server's own TLS, or stunnel in front of
+/// the Python server.
+enum TLSServer: String, CaseIterable, Sendable, CustomTestStringConvertible {
+    case goNative
+    case stunnelPython
 
-    static func get() throws -> (TestPKI, RealServer, Stunnel) {
-        let pki = try TLSFixture.pki()
-        let (server, tunnel) = try started.withLock { started in
-            if let started { return started }
-            let server = try RealServer.start()
-            let tunnel = try Stunnel.start(backendPort: server.port)
-            started = (server, tunnel)
-            atexit { SharedTLSBackend.stop() }
-            return (server, tunnel)
+    var testDescription: String {
+        switch self {
+        case .goNative: "\(ServerKind.go), native TLS"
+        case .stunnelPython: "stunnel4 in front of \(ServerKind.python)"
         }
-        return (pki, server, tunnel)
+    }
+
+    /// The suite's shared endpoint of this kind (tests use keys of their own), started on first
+    /// use and stopped at exit.
+    func shared() async throws -> TLSBed {
+        try await offThePool { try SharedTLSBackend.get(self) }
+    }
+
+    /// An endpoint of its own, for a test that needs a fresh server.
+    func start(maxLocks: Int? = nil, certificate: Stunnel.Certificate = .trusted) async throws -> TLSBed {
+        try await offThePool { try TLSBed.start(self, maxLocks: maxLocks, certificate: certificate) }
+    }
+}
+
+/// One TLS endpoint and what runs behind it.
+struct TLSBed: Sendable {
+    let kind: TLSServer
+    let pki: TestPKI
+    /// Where TLS clients connect.
+    let tlsPort: Int
+    /// The CA that issued the endpoint's certificate.
+    let caFile: String
+    /// The Python server behind stunnel (plain TCP); nil for the Go server, which speaks TLS only.
+    let plainServer: RealServer?
+    /// What keeps the endpoint alive: the Go server, or stunnel.
+    let owners: [any Sendable]
+
+    static func start(_ kind: TLSServer, maxLocks: Int? = nil, certificate: Stunnel.Certificate = .trusted) throws -> TLSBed {
+        let pki = try TLSFixture.pki()
+        let options: [ServerOption] = maxLocks.map { [.maxLocks($0)] } ?? []
+        switch kind {
+        case .goNative:
+            let (cert, key) = certificate == .otherCA
+                ? (pki.otherServerCertificate, pki.otherServerKey) : (pki.serverCertificate, pki.serverKey)
+            let server = try RealServer.start(.go, options + [.tls(certificate: cert, key: key)])
+            return TLSBed(kind: kind, pki: pki, tlsPort: server.port, caFile: certificate == .otherCA ? pki.otherCAFile : pki.caFile,
+                          plainServer: nil, owners: [server])
+        case .stunnelPython:
+            let server = try RealServer.start(.python, options)
+            let tunnel = try Stunnel.start(backendPort: server.port, certificate: certificate)
+            return TLSBed(kind: kind, pki: pki, tlsPort: tunnel.port, caFile: certificate == .otherCA ? pki.otherCAFile : pki.caFile,
+                          plainServer: server, owners: [server, tunnel])
+        }
+    }
+
+    /// An endpoint of the same kind presenting a certificate from another CA.
+    func withOtherCA() async throws -> TLSBed {
+        switch kind {
+        case .goNative: return try await kind.start(certificate: .otherCA)
+        case .stunnelPython:
+            let server = try #require(plainServer)
+            let tunnel = try await offThePool { try Stunnel.start(backendPort: server.port, certificate: .otherCA) }
+            return TLSBed(kind: kind, pki: pki, tlsPort: tunnel.port, caFile: pki.otherCAFile, plainServer: server,
+                          owners: owners + [tunnel])
+        }
+    }
+
+    /// A plain-TCP server of the same kind (the one behind stunnel, or a new Go server without TLS).
+    func plainServerOfTheSameKind() async throws -> RealServer {
+        if let plainServer { return plainServer }
+        return try await RealServer.launch(.go)
+    }
+
+    /// Whether another client finds `key` taken: `l <key> 0` answered `timeout` (a grant is
+    /// released at once). On the plain port behind stunnel with a raw client; on the Go server
+    /// through a TLS connection of this library, verified against the test CA.
+    func isHeld(_ key: String) async throws -> Bool {
+        if let plainServer {
+            return try await offThePool {
+                let client = try RawClient(port: plainServer.port)
+                defer { client.close() }
+                let reply = try client.send("l", key, "0")
+                if reply == "timeout" { return true }
+                let fields = reply.split(separator: " ")
+                #expect(fields.first == "ok", "unexpected reply \(reply)")
+                _ = try client.send("r", key, String(fields[1]))
+                return false
+            }
+        }
+        let connection = try Connection(port: tlsPort, tls: TLSOptions(caFile: caFile), connectTimeoutMs: 10_000)
+        defer { connection.close() }
+        guard let grant = try await connection.acquire(key: key, timeoutS: 0) else { return true }
+        try await connection.release(key: key, token: grant.token)
+        return false
+    }
+}
+
+/// The suite's shared endpoints, one per kind, started on first use and stopped at exit.
+enum SharedTLSBackend {
+    private static let started = ThreadLock<[TLSServer: TLSBed]>([:])
+
+    static func get(_ kind: TLSServer) throws -> TLSBed {
+        try started.withLock { started in
+            if let bed = started[kind] { return bed }
+            let bed = try TLSBed.start(kind)
+            if started.isEmpty { atexit { SharedTLSBackend.stop() } }
+            started[kind] = bed
+            return bed
+        }
     }
 
     private static func stop() {
         started.withLock { started in
-            started?.1.stop()
-            started?.0.stop()
-            started = nil
+            for bed in started.values {
+                for case let tunnel as Stunnel in bed.owners { tunnel.stop() }
+                for case let server as RealServer in bed.owners { server.stop() }
+            }
+            started = [:]
         }
     }
 }

@@ -289,7 +289,7 @@ public enum FuzzHarness {
                 precondition(probe.closes.count <= 1, "the delegate heard of the end \(probe.closes.count) times")
             }
             // A failure that ended the connection fails every later call too.
-            if let failed = outcomes.firstIndex(where: { if case .failure(let error) = $0, !ReplyDecoder.isRecoverable(error) { return true }; return false }) {
+            if let failed = outcomes.firstIndex(where: { if case .failure(let error) = $0, ConnectionCore<Int>.endsConnection(error) { return true }; return false }) {
                 for later in outcomes[failed...] {
                     if case .success = later { preconditionFailure("a call succeeded after the connection failed") }
                 }

@@ -1,4 +1,5 @@
 import CUV
+import Synchronization
 
 /// The machinery ``DistributedLock`` and ``DistributedSemaphore`` share: one session with the
 /// key's server, driven by a state machine (`LeaseMachine`) on the event loop, with lease
@@ -25,17 +26,31 @@ public class DistributedLease: @unchecked Sendable {
 
     // Loop-confined.
     private var machine: LeaseMachine
+    /// The connection of the machine's current session, while it is open.
     private var connection: Connection?
-    /// Renewals and the local lease deadline share this one timer.
+    /// Reports the current connection's end, tagged with its session (the connection holds its
+    /// delegate weakly).
+    private var connectionObserver: SessionObserver?
+    /// Renewals and the local lease deadline share this one timer, made on first use in a
+    /// session and closed with it; `timerSession` is the session it was last scheduled for.
     private var leaseTimer: LoopTimer?
-    private var operation: PendingOperation?
-    private var releaseCompletion: ((Result<Void, LockError>) -> Void)?
+    private var timerSession: LeaseMachine.Session = 0
+    /// The completion of every call the machine has not completed yet.
+    private var completions: [LeaseMachine.CallID: PendingCompletion] = [:]
     /// Set while a completion is owed, so that it runs even if the caller let go.
     private var selfWhileBusy: DistributedLease?
-    /// Completions and callbacks produced by the current step, run once it is published.
+    /// Events that arrived while the machine's actions were being performed (a connection
+    /// closed by an action reports on its way out): fed to the machine afterwards, in order.
+    private var eventQueue: [LeaseMachine.Event] = []
+    private var isDraining = false
+    /// Completions and callbacks produced by the events being drained, run once the resulting
+    /// state is published.
     private var deliveries: [() -> Void] = []
 
     private let published: ThreadLock<Published>
+
+    /// Call identities for completion and cancellation; any thread.
+    private static let callCounter = Atomic<UInt64>(0)
 
     private struct Published {
         var state = LockState.idle
@@ -44,10 +59,11 @@ public class DistributedLease: @unchecked Sendable {
         var deadlineMs: UInt64?
     }
 
-    private enum PendingOperation {
+    private enum PendingCompletion {
         case acquire((Result<Bool, LockError>) -> Void)
         case enqueue((Result<EnqueueResult, LockError>) -> Void)
         case wait((Result<Bool, LockError>) -> Void)
+        case release((Result<Void, LockError>) -> Void)
     }
 
     init(settings: LeaseSettings, loop: EventLoop) {
@@ -103,51 +119,49 @@ public class DistributedLease: @unchecked Sendable {
     /// (renewal then runs in the background), `false` on timeout (the connection is closed).
     ///
     /// Fails with ``LockError/alreadyConnected(key:)`` when a session is open, unless `force`,
-    /// which closes that session first.
+    /// which closes that session first (an operation in flight on it fails with
+    /// ``LockError/closed``; a lease held on it ends with the connection).
     public func acquire(force: Bool = false, completion: @escaping (Result<Bool, LockError>) -> Void) {
-        callerCall(.acquireRequested(force: force), operation: .acquire(completion))
+        call(Self.nextCall(), .acquire(completion)) { .acquireRequested($0, force: force) }
     }
 
     /// Two-phase step 1: connects and joins the key's FIFO queue. Completes with `.acquired`
     /// when the key was free (renewal starts at once) or `.queued`.
     public func enqueue(force: Bool = false, completion: @escaping (Result<EnqueueResult, LockError>) -> Void) {
-        callerCall(.enqueueRequested(force: force), operation: .enqueue(completion))
+        call(Self.nextCall(), .enqueue(completion)) { .enqueueRequested($0, force: force) }
     }
 
     /// Two-phase step 2: waits up to `timeoutS` (default `acquireTimeoutS`) for the grant.
     /// Completes with `true` at once if ``enqueue(force:completion:)`` already acquired, `false`
     /// on timeout (the connection is closed).
+    ///
+    /// The server starts a lease when it grants the key, which may be long before `wait` is
+    /// called: a grant that `wait` finds is therefore confirmed with an immediate renewal before
+    /// it is reported, and the local lease deadline counts from that renewal. When the renewal
+    /// is refused (the lease ran out and the key may be someone else's), `wait` fails with
+    /// ``LockError/leaseExpired(key:)`` and the connection is closed.
     public func wait(timeoutS: Int? = nil, completion: @escaping (Result<Bool, LockError>) -> Void) {
-        let timeoutS = timeoutS ?? settings.acquireTimeoutS
-        do throws(LockError) {
-            try Validation.timeout(timeoutS, name: "timeoutS")
-        } catch {
-            loop.runLater { completion(.failure(error)) }
-            return
-        }
-        callerCall(.waitRequested(timeoutS: timeoutS), operation: .wait(completion))
+        call(Self.nextCall(), .wait(completion)) { .waitRequested($0, timeoutS: timeoutS) }
     }
 
     /// Releases the key and closes the connection; stops renewal.
     ///
     /// Fails with ``LockError/notConnected(key:)`` when already released or closed, with
-    /// ``LockError/lockLost(key:token:)`` once after the lease was lost, and with
-    /// ``LockError/notHeld(key:)`` when the server says the token no longer held the key. A
-    /// release whose connection had already died succeeds: the server releases a dead session's
-    /// keys itself.
+    /// ``LockError/lockLost(key:token:)`` once after the lease was lost, with
+    /// ``LockError/notHeld(key:)`` when the server says the token no longer held the key, and
+    /// with ``LockError/releaseUnconfirmed(key:leaseS:)`` when the server did not answer in time
+    /// (the key is then free at the latest when its lease ends). A release whose connection had
+    /// already closed succeeds: the server releases a closed session's keys itself. A release
+    /// always runs to its end, even from a cancelled task.
     public func release(completion: @escaping (Result<Void, LockError>) -> Void) {
-        loop.runOnLoop(ifShutDown: { completion(.failure(.eventLoopShutDown)) }) { [self] in
-            drive(.releaseRequested, fromCaller: true,
-                  accept: { self.releaseCompletion = completion },
-                  reject: { error in completion(.failure(error)) })
-        }
+        call(Self.nextCall(), .release(completion)) { .releaseRequested($0) }
     }
 
     /// Closes the connection without sending a release: the server frees the key when it sees
-    /// the connection end. An operation in flight fails with ``LockError/closed``. Idempotent;
-    /// safe from any thread.
+    /// the connection end. An operation in flight fails with ``LockError/closed``; a release in
+    /// flight succeeds. Idempotent; safe from any thread.
     public func close() {
-        loop.runOnLoop { [self] in drive(.closeRequested, fromCaller: true) }
+        loop.runOnLoop { [self] in drive(.closeRequested, deliverLater: true) }
     }
 
     // MARK: - Async API
@@ -155,27 +169,38 @@ public class DistributedLease: @unchecked Sendable {
     /// Connects and waits up to `acquireTimeoutS` for the key; `true` when held, `false` on
     /// timeout. Cancelling the task closes the connection and throws ``LockError/cancelled``.
     public func acquire(force: Bool = false) async throws -> Bool {
-        try await bridge { self.acquire(force: force, completion: $0) }
+        try await bridge(cancellable: true) { call, cancelled, completion in
+            self.call(call, .acquire(completion), unlessCancelled: cancelled) { .acquireRequested($0, force: force) }
+        }
     }
 
-    /// Releases the key and closes the connection (see ``release(completion:)``).
+    /// Releases the key and closes the connection (see ``release(completion:)``). Cancelling
+    /// the task does not stop the release: it runs to its end and its outcome is returned.
     public func release() async throws {
-        try await bridge { self.release(completion: $0) }
+        try await bridge(cancellable: false) { call, cancelled, completion in
+            self.call(call, .release(completion)) { .releaseRequested($0) }
+        }
     }
 
-    /// Two-phase step 1 (see ``enqueue(force:completion:)``).
+    /// Two-phase step 1 (see ``enqueue(force:completion:)``). Cancelling the task closes the
+    /// connection and throws ``LockError/cancelled``.
     public func enqueue(force: Bool = false) async throws -> EnqueueResult {
-        try await bridge { self.enqueue(force: force, completion: $0) }
+        try await bridge(cancellable: true) { call, cancelled, completion in
+            self.call(call, .enqueue(completion), unlessCancelled: cancelled) { .enqueueRequested($0, force: force) }
+        }
     }
 
     /// Two-phase step 2 (see ``wait(timeoutS:completion:)``). Cancelling the task closes the
     /// connection and throws ``LockError/cancelled``.
     public func wait(timeoutS: Int? = nil) async throws -> Bool {
-        try await bridge { self.wait(timeoutS: timeoutS, completion: $0) }
+        try await bridge(cancellable: true) { call, cancelled, completion in
+            self.call(call, .wait(completion), unlessCancelled: cancelled) { .waitRequested($0, timeoutS: timeoutS) }
+        }
     }
 
     /// Acquires, runs `body`, and releases, even when `body` throws (its error then wins over a
-    /// release error).
+    /// release error) and when the task is cancelled during `body`: the release always runs
+    /// before `withLock` returns or throws.
     ///
     /// - Throws: ``LockError/acquireTimeout(key:)`` when the key was not granted in time.
     public func withLock<T>(_ body: () async throws -> T) async throws -> T {
@@ -193,40 +218,47 @@ public class DistributedLease: @unchecked Sendable {
 
     // MARK: - Driving the machine
 
-    private func callerCall(_ event: LeaseMachine.Event, operation newOperation: PendingOperation) {
-        loop.runOnLoop(ifShutDown: { Self.finish(newOperation, .failed(.eventLoopShutDown)) }) { [self] in
-            drive(event, fromCaller: true,
-                  accept: { self.operation = newOperation },
-                  reject: { error in Self.finish(newOperation, .failed(error)) })
-        }
+    private static func nextCall() -> LeaseMachine.CallID {
+        LeaseMachine.CallID(raw: callCounter.wrappingAdd(1, ordering: .relaxed).newValue)
     }
 
-    /// Feeds one event from the connection or a timer.
-    private func step(_ event: LeaseMachine.Event) {
-        drive(event, fromCaller: false)
-    }
-
-    /// Feeds `event` to the machine and performs its actions; `accept` and `reject` settle the
-    /// caller's request that raised it. Completions run after the new state is published, so a
-    /// caller resumed by one sees the state that completed it; and when a caller's call is on
-    /// the stack, on a later turn of the loop, never inside that call.
-    private func drive(_ event: LeaseMachine.Event, fromCaller: Bool,
-                       accept: (() -> Void)? = nil, reject: ((LockError) -> Void)? = nil) {
-        for action in machine.handle(event) {
-            switch action {
-            case .accept, .acceptRelease: accept?()
-            case .reject(let error): deliveries.append { reject?(error) }
-            default: perform(action)
+    /// Registers `completion` for `call` and feeds the machine the caller's event; the
+    /// machine completes every call exactly once, on a later turn of the loop. A call whose
+    /// task was cancelled before it reached the loop (`unlessCancelled`) fails with
+    /// ``LockError/cancelled`` without starting.
+    private func call(_ call: LeaseMachine.CallID, _ completion: PendingCompletion, unlessCancelled cancelled: ThreadLock<Bool>? = nil,
+                      _ event: @escaping (LeaseMachine.CallID) -> LeaseMachine.Event) {
+        loop.runOnLoop(ifShutDown: { Self.complete(completion, .failed(.eventLoopShutDown)) }) { [self] in
+            if let cancelled, cancelled.withLock({ $0 }) {
+                loop.runLater { Self.complete(completion, .failed(.cancelled)) }
+                return
             }
+            completions[call] = completion
+            drive(event(call), deliverLater: true)
         }
+    }
+
+    /// Feeds `event` to the machine, then every event that arrives while its actions are
+    /// performed, in order. Completions run once the final state is published, so a caller
+    /// resumed by one sees the state that completed it. The results of a caller's call are
+    /// delivered on a later turn (`deliverLater`), never inside that call.
+    private func drive(_ event: LeaseMachine.Event, deliverLater: Bool = false) {
+        eventQueue.append(event)
+        guard !isDraining else { return }
+        isDraining = true
+        while !eventQueue.isEmpty {
+            let next = eventQueue.removeFirst()
+            for action in machine.handle(next) { perform(action) }
+        }
+        isDraining = false
         publish()
         let wasBusy = selfWhileBusy
         defer { withExtendedLifetime(wasBusy) {} }
-        selfWhileBusy = operation != nil || releaseCompletion != nil ? self : nil
+        selfWhileBusy = completions.isEmpty ? nil : self
         guard !deliveries.isEmpty else { return }
         let ready = deliveries
         deliveries.removeAll()
-        if fromCaller {
+        if deliverLater {
             loop.runLater { for delivery in ready { delivery() } }
         } else {
             for delivery in ready { delivery() }
@@ -235,49 +267,48 @@ public class DistributedLease: @unchecked Sendable {
 
     private func perform(_ action: LeaseMachine.Action) {
         switch action {
-        case .openConnection:
-            openConnection()
+        case .openConnection(let session):
+            openConnection(session)
         case .closeConnection:
-            connection?.close()
+            // The machine only closes its live session, which is this connection.
+            // The timer belongs to the session too: an idle lock keeps no libuv handle.
+            let closing = connection
             connection = nil
+            connectionObserver = nil
+            closing?.close()
             leaseTimer?.close()
             leaseTimer = nil
-        case .send(let outgoing):
-            send(outgoing)
-        case .scheduleTimer(let milliseconds):
+        case .send(let session, let outgoing):
+            send(outgoing, session: session)
+        case .scheduleTimer(let session, let milliseconds):
             let timer = leaseTimer ?? LoopTimer(loop: loop) { [weak self] in
                 guard let self else { return }
                 uv_update_time(loop.raw)
-                step(.timerFired(nowMs: uv_now(loop.raw)))
+                drive(.timerFired(timerSession, nowMs: uv_now(loop.raw)))
             }
             leaseTimer = timer
+            timerSession = session
             timer.schedule(afterMilliseconds: milliseconds)
         case .cancelTimer:
             leaseTimer?.cancel()
-        case .finish(_, let outcome):
-            guard let finished = operation else { return }
-            operation = nil
-            deliver { Self.finish(finished, outcome) }
-        case .finishRelease(let error):
-            guard let completion = releaseCompletion else { return }
-            releaseCompletion = nil
-            deliver { completion(error.map { .failure($0) } ?? .success(())) }
+        case .complete(let call, _, let outcome):
+            guard let completion = completions.removeValue(forKey: call) else {
+                assertionFailure("\(key): a completion for unknown call \(call)")
+                return
+            }
+            deliveries.append { Self.complete(completion, outcome) }
         case .reportLockLost(let token):
             if let onLockLost = settings.onLockLost {
                 let key = settings.key
-                deliver { onLockLost(key, token) }
+                deliveries.append { onLockLost(key, token) }
             }
-        case .stateChanged, .accept, .acceptRelease, .reject:
+        case .stateChanged:
             break
         }
     }
 
-    private func deliver(_ body: @escaping () -> Void) {
-        deliveries.append(body)
-    }
-
-    private static func finish(_ operation: PendingOperation, _ outcome: LeaseMachine.Outcome) {
-        switch (operation, outcome) {
+    private static func complete(_ completion: PendingCompletion, _ outcome: LeaseMachine.Outcome) {
+        switch (completion, outcome) {
         case (.acquire(let completion), .granted), (.wait(let completion), .granted):
             completion(.success(true))
         case (.acquire(let completion), .timedOut), (.wait(let completion), .timedOut):
@@ -290,49 +321,52 @@ public class DistributedLease: @unchecked Sendable {
             completion(.success(.queued))
         case (.enqueue(let completion), .failed(let error)):
             completion(.failure(error))
-        case (.acquire(let completion), .queued), (.wait(let completion), .queued):
-            completion(.failure(.protocolViolation("a queued answer to a blocking request")))
-        case (.enqueue(let completion), .timedOut):
-            completion(.failure(.protocolViolation("a timeout answer to enqueue")))
+        case (.release(let completion), .released):
+            completion(.success(()))
+        case (.release(let completion), .failed(let error)):
+            completion(.failure(error))
+        case (.acquire(let completion), _), (.wait(let completion), _):
+            completion(.failure(.protocolViolation("outcome \(outcome) for a blocking call")))
+        case (.enqueue(let completion), _):
+            completion(.failure(.protocolViolation("outcome \(outcome) for enqueue")))
+        case (.release(let completion), _):
+            completion(.failure(.protocolViolation("outcome \(outcome) for release")))
         }
     }
 
-    private func openConnection() {
+    private func openConnection(_ session: LeaseMachine.Session) {
         let connection = Connection(endpoint: settings.endpoint, configuration: settings.connection, loop: loop)
-        connection.delegate = self
+        let observer = SessionObserver(lease: self, session: session)
+        connection.delegate = observer
         self.connection = connection
-        connection.connect { [weak self, weak connection] result in
-            guard let self, let connection, self.connection === connection else { return }
+        connectionObserver = observer
+        connection.connect { [weak self] result in
             switch result {
-            case .success: step(.connected)
-            case .failure(let error): step(.connectionLost(error))
+            case .success: self?.drive(.connected(session))
+            case .failure(let error): self?.drive(.failed(session, nil, error))
             }
         }
     }
 
-    private func send(_ outgoing: LeaseMachine.Outgoing) {
-        guard let connection else { return }
+    private func send(_ outgoing: LeaseMachine.Outgoing, session: LeaseMachine.Session) {
+        guard let connection else {
+            assertionFailure("\(key): send without a connection")
+            return
+        }
         let request: Request
         do throws(LockError) {
             request = try settings.request(for: outgoing)
         } catch {
-            loop.runLater { [self] in step(.requestFailed(error)) }
+            drive(.failed(session, outgoing, error))
             return
         }
         // The loop's cached time is from before this turn's work: an early send time only
         // makes the local deadline more cautious.
         let sentAtMs = uv_now(loop.raw)
-        connection.send(request) { [weak self, weak connection] result in
-            guard let self, let connection, self.connection === connection else { return }
+        connection.send(request) { [weak self] result in
             switch result {
-            case .success(.granted(let grant)): step(.granted(grant, sentAtMs: sentAtMs))
-            case .success(.queued): step(.enqueuedBehindHolder)
-            case .success(.timeout): step(.timedOut)
-            case .success(.renewed(let seconds)): step(.renewed(leaseS: seconds, sentAtMs: sentAtMs))
-            case .success(.ok): step(.released)
-            case .success(.stats): step(.requestFailed(.protocolViolation("a stats reply to '\(request.command.rawValue)'")))
-            case .failure(let error) where error.isServerAnswer: step(.requestFailed(error))
-            case .failure(let error): step(.connectionLost(error))
+            case .success(let reply): self?.drive(.answered(session, outgoing, reply, sentAtMs: sentAtMs))
+            case .failure(let error): self?.drive(.failed(session, outgoing, error))
             }
         }
     }
@@ -348,33 +382,46 @@ public class DistributedLease: @unchecked Sendable {
         }
     }
 
-    /// Runs a completion-handler operation as an async call. Cancelling the task ends the
-    /// session (the operation fails with ``LockError/cancelled``); a task cancelled before the
-    /// operation reached the loop never starts it.
-    private func bridge<Value: Sendable>(_ start: @escaping (@escaping (Result<Value, LockError>) -> Void) -> Void) async throws -> Value {
-        let cancelled = ThreadLock(false)
+    /// Runs a completion-handler call as an async call. When `cancellable`, cancelling the task
+    /// cancels the call (the machine ends its session and the call fails with
+    /// ``LockError/cancelled``), and a call whose task was cancelled before it reached the loop
+    /// never starts; otherwise (release) cancellation changes nothing.
+    private func bridge<Value: Sendable>(cancellable: Bool,
+                                         _ start: @escaping (LeaseMachine.CallID, ThreadLock<Bool>?, @escaping (Result<Value, LockError>) -> Void) -> Void) async throws -> Value {
+        let call = Self.nextCall()
+        let cancelled = cancellable ? ThreadLock(false) : nil
         return try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Value, any Error>) in
-                let resume: (Result<Value, LockError>) -> Void = { continuation.resume(with: $0.mapError { $0 as any Error }) }
-                loop.runOnLoop(ifShutDown: { resume(.failure(.eventLoopShutDown)) }) {
-                    if cancelled.withLock({ $0 }) {
-                        resume(.failure(.cancelled))
-                    } else {
-                        start(resume)
-                    }
-                }
+                start(call, cancelled) { continuation.resume(with: $0.mapError { $0 as any Error }) }
             }
         } onCancel: {
+            guard let cancelled else { return }
+            // The flag is set before the cancellation is queued to the loop: the call either
+            // sees it when it starts, or started before the cancellation arrives.
             cancelled.withLock { $0 = true }
-            self.loop.runOnLoop { [self] in step(.cancelRequested) }
+            self.loop.runOnLoop { [self] in drive(.cancelRequested(call), deliverLater: true) }
         }
     }
 }
 
-extension DistributedLease: ConnectionDelegate {
+/// The delegate of one session's connection: reports its end as that session's failure.
+private final class SessionObserver: ConnectionDelegate {
+    weak var lease: DistributedLease?
+    let session: LeaseMachine.Session
+
+    init(lease: DistributedLease, session: LeaseMachine.Session) {
+        self.lease = lease
+        self.session = session
+    }
+
     func connection(_ connection: Connection, didCloseWith error: LockError) {
-        guard connection === self.connection else { return }
-        step(.connectionLost(error))
+        lease?.connectionEnded(session: session, error: error)
+    }
+}
+
+extension DistributedLease {
+    fileprivate func connectionEnded(session: LeaseMachine.Session, error: LockError) {
+        drive(.failed(session, nil, error))
     }
 }
 
@@ -384,18 +431,4 @@ public enum EnqueueResult: Sendable, Hashable {
     case acquired
     /// The key is taken; this instance waits in its FIFO queue. Call `wait()`.
     case queued
-}
-
-extension LockError {
-    /// Whether the server itself answered with this status, as opposed to the connection
-    /// failing under the request.
-    var isServerAnswer: Bool {
-        switch self {
-        case .notHeld, .notEnqueued, .alreadyEnqueued, .maxLocks, .maxWaiters, .limitMismatch,
-             .leaseExpired, .serverDraining, .serverError, .authFailed:
-            return true
-        default:
-            return false
-        }
-    }
 }

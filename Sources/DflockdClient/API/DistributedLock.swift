@@ -61,11 +61,10 @@ public final class DistributedLock: DistributedLease, @unchecked Sendable {
                 socketTimeoutMs: Int? = nil,
                 maxIdleMs: Int? = DistributedLease.defaultMaxIdleMs,
                 loop: EventLoop = .shared) throws(LockError) {
-        let settings = try LeaseSettings(kind: .lock, key: key, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS,
-                                         servers: servers, shardingStrategy: shardingStrategy, host: host, port: port,
-                                         renewRatio: renewRatio, tls: tls, auth: auth, onLockLost: onLockLost,
-                                         connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs,
-                                         maxIdleMs: maxIdleMs)
+        let settings = try LeaseSettings(.lock, LeaseOptions(
+            key: key, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS, servers: servers, shardingStrategy: shardingStrategy,
+            host: host, port: port, renewRatio: renewRatio, tls: tls, auth: auth, onLockLost: onLockLost,
+            connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs, maxIdleMs: maxIdleMs))
         super.init(settings: settings, loop: loop)
     }
 }

@@ -30,11 +30,10 @@ public final class DistributedSemaphore: DistributedLease, @unchecked Sendable {
                 socketTimeoutMs: Int? = nil,
                 maxIdleMs: Int? = DistributedLease.defaultMaxIdleMs,
                 loop: EventLoop = .shared) throws(LockError) {
-        let settings = try LeaseSettings(kind: .semaphore(limit: limit), key: key, acquireTimeoutS: acquireTimeoutS,
-                                         leaseTtlS: leaseTtlS, servers: servers, shardingStrategy: shardingStrategy,
-                                         host: host, port: port, renewRatio: renewRatio, tls: tls, auth: auth,
-                                         onLockLost: onLockLost, connectTimeoutMs: connectTimeoutMs,
-                                         socketTimeoutMs: socketTimeoutMs, maxIdleMs: maxIdleMs)
+        let settings = try LeaseSettings(.semaphore(limit: limit), LeaseOptions(
+            key: key, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS, servers: servers, shardingStrategy: shardingStrategy,
+            host: host, port: port, renewRatio: renewRatio, tls: tls, auth: auth, onLockLost: onLockLost,
+            connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs, maxIdleMs: maxIdleMs))
         self.limit = limit
         super.init(settings: settings, loop: loop)
     }

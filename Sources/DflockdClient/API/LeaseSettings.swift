@@ -1,4 +1,5 @@
-/// The validated options of a lock or semaphore, and the commands that speak for it.
+/// The validated options of a lock or semaphore (from ``LeaseOptions``), and the commands that
+/// speak for it.
 struct LeaseSettings: Sendable {
     enum Kind: Sendable, Hashable {
         case lock
@@ -16,58 +17,38 @@ struct LeaseSettings: Sendable {
     let onLockLost: (@Sendable (String, String) -> Void)?
 
     /// Validates every option the way the initializers document, naming the option at fault.
-    init(kind: Kind,
-         key: String,
-         acquireTimeoutS: Int,
-         leaseTtlS: Int?,
-         servers: [(String, Int)]?,
-         shardingStrategy: ShardingStrategy,
-         host: String?,
-         port: Int?,
-         renewRatio: Double,
-         tls: TLSOptions?,
-         auth: String?,
-         onLockLost: (@Sendable (String, String) -> Void)?,
-         connectTimeoutMs: Int?,
-         socketTimeoutMs: Int?,
-         maxIdleMs: Int?) throws(LockError) {
-        try Validation.key(key)
+    init(_ kind: Kind, _ options: LeaseOptions) throws(LockError) {
+        try Validation.key(options.key)
         if case .semaphore(let limit) = kind { try Validation.limit(limit) }
-        try Validation.timeout(acquireTimeoutS, name: "acquireTimeoutS")
-        try Validation.lease(leaseTtlS, name: "leaseTtlS")
-        guard renewRatio.isFinite, renewRatio > 0, renewRatio < 1 else {
-            throw .invalidArgument(name: "renewRatio", reason: "must be between 0 and 1 (exclusive), got \(renewRatio)")
+        try Validation.timeout(options.acquireTimeoutS, name: "acquireTimeoutS")
+        try Validation.lease(options.leaseTtlS, name: "leaseTtlS")
+        guard options.renewRatio.isFinite, options.renewRatio > 0, options.renewRatio < 1 else {
+            throw .invalidArgument(name: "renewRatio", reason: "must be between 0 and 1 (exclusive), got \(options.renewRatio)")
         }
-        if let auth { try Validation.secret(auth, name: "auth") }
-        // Loads (once per distinct options) the files TLS needs, so a missing CA file or key is
-        // reported here, naming the option, rather than at the first acquire.
-        let tlsContext = try tls.map { options throws(LockError) in try TLSContext.shared(for: options) }
-        try Connection.validate(milliseconds: connectTimeoutMs, name: "connectTimeoutMs")
-        try Connection.validate(milliseconds: socketTimeoutMs, name: "socketTimeoutMs")
-        try Connection.validate(milliseconds: maxIdleMs, name: "maxIdleMs")
+        let connection = try options.connection.validated()
+        try Connection.validate(milliseconds: options.maxIdleMs, name: "maxIdleMs")
 
-        let servers = servers ?? [(host ?? "127.0.0.1", port ?? 6388)]
+        let servers = options.servers ?? [(options.host ?? "127.0.0.1", options.port ?? 6388)]
         guard !servers.isEmpty else {
             throw .invalidArgument(name: "servers", reason: "must name at least one (host, port)")
         }
         for (host, port) in servers {
             try Connection.validate(host: host, port: port)
         }
-        let index = shardingStrategy(key, servers.count)
+        let index = options.shardingStrategy(options.key, servers.count)
         guard servers.indices.contains(index) else {
             throw .invalidArgument(name: "shardingStrategy", reason: "returned \(index) for \(servers.count) servers; it must return 0..<\(servers.count)")
         }
 
         self.kind = kind
-        self.key = key
-        self.acquireTimeoutS = acquireTimeoutS
-        self.leaseTtlS = leaseTtlS
+        self.key = options.key
+        self.acquireTimeoutS = options.acquireTimeoutS
+        self.leaseTtlS = options.leaseTtlS
         self.endpoint = Endpoint(host: servers[index].0, port: servers[index].1)
-        self.renewRatio = renewRatio
-        self.maxIdleMs = maxIdleMs
-        self.connection = Connection.Configuration(tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs,
-                                                   tlsContext: tlsContext)
-        self.onLockLost = onLockLost
+        self.renewRatio = options.renewRatio
+        self.maxIdleMs = options.maxIdleMs
+        self.connection = connection
+        self.onLockLost = options.onLockLost
     }
 
     /// The wire request for one of the machine's outgoing messages. The key and token were

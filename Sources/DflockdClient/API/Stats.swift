@@ -11,7 +11,7 @@ public func stats(host: String = "127.0.0.1",
                   completion: @escaping (Result<ServerStats, LockError>) -> Void) {
     let connection: Connection
     do throws(LockError) {
-        connection = try Connection(host: host, port: port, tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, loop: loop)
+        connection = try statsConnection(host: host, port: port, tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, loop: loop)
     } catch {
         loop.runLater { completion(.failure(error)) }
         return
@@ -29,7 +29,15 @@ public func stats(host: String = "127.0.0.1",
                   auth: String? = nil,
                   connectTimeoutMs: Int? = nil,
                   loop: EventLoop = .shared) async throws -> ServerStats {
-    let connection = try Connection(host: host, port: port, tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, loop: loop)
+    let connection = try statsConnection(host: host, port: port, tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, loop: loop)
     defer { connection.close() }
     return try await connection.stats()
+}
+
+/// The short-lived connection of a `stats` call, its options checked the way a lock's are.
+private func statsConnection(host: String, port: Int, tls: TLSOptions?, auth: String?, connectTimeoutMs: Int?,
+                             loop: EventLoop) throws(LockError) -> Connection {
+    try Connection.validate(host: host, port: port)
+    let configuration = try ConnectionOptions(tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: nil).validated()
+    return Connection(endpoint: Endpoint(host: host, port: port), configuration: configuration, loop: loop)
 }

@@ -87,19 +87,6 @@ enum ReplyDecoder {
         }
     }
 
-    /// Whether the server keeps the connection usable after answering `error`, as the recorded
-    /// servers do for a release or renew of a token that no longer holds the key, or a two-phase
-    /// step out of order. Any other `error` means the server judged the request malformed.
-    static func isRecoverable(_ error: LockError) -> Bool {
-        switch error {
-        case .notHeld, .notEnqueued, .alreadyEnqueued, .maxLocks, .maxWaiters, .limitMismatch, .leaseExpired, .serverDraining,
-             .notLeader:
-            return true
-        default:
-            return false
-        }
-    }
-
     private static func error(status: Substring, line: String, for request: Request) -> LockError {
         let key = request.key
         switch status {

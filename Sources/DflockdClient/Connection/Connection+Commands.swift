@@ -84,7 +84,8 @@ extension Connection {
     }
 
     /// `ping`: a round trip that also resets the server's idle read timeout (dflockd 1.14 and
-    /// later; older servers answer `error`, which fails the call with `serverError`).
+    /// later; older servers answer `error`, which fails the call with
+    /// ``LockError/serverError(command:key:)``).
     public func ping(completion: @escaping (Result<Void, LockError>) -> Void) {
         perform({ () throws(LockError) in .ping }, completion, done)
     }

@@ -12,8 +12,15 @@ protocol ConnectionDelegate: AnyObject {
 ///
 /// The connection *is* the session: closing it releases whatever it holds on the server and
 /// cancels its waits. Several requests may be outstanding at once (pipelining); each is
-/// completed with its own reply, in the order sent. Any failure or end of the stream fails every
-/// outstanding request with the reason, and the connection stays closed.
+/// completed with its own reply, in the order sent.
+///
+/// A server's refusal (`error`, `error_…`) fails that one request, with the error its command
+/// implies (``LockError/notHeld(key:)`` for a release or renewal, …), and leaves the other
+/// requests and the connection alone. Only the connection's own failure ends it: end of
+/// stream, a reset, a missed deadline, a reply line too long or unreadable, a refused secret.
+/// Then every outstanding request fails with the reason, and the connection stays closed.
+/// (dflockd 0.5.0 closes the connection after a request it calls malformed: the end of stream
+/// that follows ends the connection like any other.)
 ///
 /// Every method may be called from any thread; its completion handler is called on the loop
 /// thread, never before the method has returned. The first request (or ``connect(completion:)``)
@@ -28,26 +35,25 @@ public final class Connection: @unchecked Sendable {
     weak var delegate: (any ConnectionDelegate)?
     /// Makes the byte stream when the connection starts: TCP unless a test or the fuzz target
     /// substitutes its own (set before the first request). Loop thread.
-    var makeTransport: (EventLoop) -> any Transport = { TCPTransport(loop: $0) }
+    var makeTransport: (EventLoop) throws(LockError) -> any Transport
 
     // Loop-confined state.
-    private var phase = Phase.idle
+    private var core: ConnectionCore<Completion>
+    /// Actions of the step being performed; kept to reuse its storage.
+    private var actions: [ConnectionCore<Completion>.Action] = []
+    private var isPerforming = false
+    private var writeBuffer: [UInt8] = []
     private var transport: (any Transport)?
-    private var framer = LineFramer()
-    private var outstanding = Deque<Outstanding>()
-    private var unsent: [UInt8] = []
     private var connectWaiters: [(Result<Void, LockError>) -> Void] = []
-    private var replyTimer: LoopTimer?
-    private var keepAliveTimer: LoopTimer?
-    /// Keeps the connection alive while replies are owed, so every completion handler runs even
-    /// if the caller dropped its reference.
+    /// One timer for every deadline of the connection (see ``ConnectionCore/nextDeadlineMs``).
+    private var timer: LoopTimer?
+    /// When the timer fires; it may fire before the next deadline, never after it.
+    private var timerDueMs: UInt64?
+    /// Keeps the connection alive while replies are owed or `connect` waiters wait, so every
+    /// completion handler runs even if the caller dropped its reference.
     private var selfWhileBusy: Connection?
-    /// Whether `auth` (when configured) has been answered `ok`: only then is the connection ready.
-    private var isAuthenticated = false
-    /// True while replies from one read are being delivered; writes then gather in
-    /// `writtenWhileDelivering` and go out together at the end of the read.
-    private var isDelivering = false
-    private var writtenWhileDelivering: [UInt8] = []
+
+    typealias Completion = (Result<Reply, LockError>) -> Void
 
     struct Configuration: Sendable {
         var tls: TLSOptions?
@@ -57,22 +63,34 @@ public final class Connection: @unchecked Sendable {
         /// The shared OpenSSL context for `tls`, looked up when the options were validated, so
         /// that connecting never waits on the context cache's lock on the loop thread.
         var tlsContext: TLSContext? = nil
-        /// Send `ping` after this long without a request (dflockd 1.14 and later).
+        /// Send `ping` after this long without a request (dflockd 2.x).
         var keepAliveMs: Int? = nil
+        /// Deadline of every request that does not block on the server (and of `auth`, and of
+        /// the TLS handshake when `connectTimeoutMs` is nil).
+        var requestTimeoutMs: Int = Connection.defaultRequestTimeoutMs
+        /// Added to a blocking request's own timeout for its deadline.
+        var blockingGraceMs: Int = Connection.defaultBlockingGraceMs
+
+        var limits: ConnectionLimits {
+            .init(requestTimeoutMs: requestTimeoutMs, blockingGraceMs: blockingGraceMs,
+                  socketTimeoutMs: socketTimeoutMs, keepAliveMs: keepAliveMs)
+        }
     }
 
-    private enum Phase {
-        case idle, connecting, open
-        case closed(LockError)
-    }
-
-    private struct Outstanding {
-        let request: Request
-        let completion: (Result<Reply, LockError>) -> Void
-    }
+    /// The default deadline of a request that does not block on the server: 10 s.
+    public static let defaultRequestTimeoutMs = 10_000
+    /// The default grace added to a blocking request's own timeout: 5 s.
+    public static let defaultBlockingGraceMs = 5_000
 
     /// Creates a connection to one server. Nothing happens on the network until the first
     /// request or ``connect(completion:)``.
+    ///
+    /// No call waits forever: every request has a deadline, counted from when it is made. A
+    /// blocking `acquire`, `wait` and their semaphore forms get their own timeout plus
+    /// `blockingGraceMs`; every other request, `auth`, and the TLS handshake (when
+    /// `connectTimeoutMs` is nil) get `requestTimeoutMs`. A request that misses its deadline
+    /// fails with ``LockError/requestTimeout(command:key:milliseconds:)`` and closes the
+    /// connection (a late reply could no longer be matched to its request).
     ///
     /// - Parameters:
     ///   - host: Host name or IP literal of the server.
@@ -81,13 +99,18 @@ public final class Connection: @unchecked Sendable {
     ///     per distinct options in the process.
     ///   - auth: The server's `--auth-token`; sent as the first request when set.
     ///   - connectTimeoutMs: Limit on establishing the connection (TCP and, with `tls`, the
-    ///     handshake); `nil` waits as long as TCP does.
+    ///     handshake); `nil` waits as long as TCP does for the TCP connect, and
+    ///     `requestTimeoutMs` for the handshake.
     ///   - socketTimeoutMs: Close the connection when no byte arrives for this long while a
     ///     reply is owed (a blocking acquire or wait adds its own timeout to the allowance).
     ///   - keepAliveMs: Send `ping` whenever the connection has been idle (no request
     ///     outstanding) this long, so that a server's `--read-timeout` does not close it, and
-    ///     the session with it. Only dflockd 1.14 and later answer `ping`: older servers answer
-    ///     `error`, so leave it `nil` (the default) for them.
+    ///     the session with it. Only dflockd 1.14 and later answer `ping`; older servers answer
+    ///     `error`, which is ignored, so leave it `nil` (the default) for them.
+    ///   - requestTimeoutMs: The deadline of a request that does not block on the server
+    ///     (default 10 s).
+    ///   - blockingGraceMs: Added to a blocking request's own timeout for its deadline
+    ///     (default 5 s).
     ///   - loop: The loop to run on.
     /// - Throws: ``LockError/invalidArgument(name:reason:)`` for a bad port, secret or timeout,
     ///   or a TLS file that cannot be used (named as `tls.caFile`, `tls.certificateFile`, …).
@@ -98,6 +121,8 @@ public final class Connection: @unchecked Sendable {
                 connectTimeoutMs: Int? = nil,
                 socketTimeoutMs: Int? = nil,
                 keepAliveMs: Int? = nil,
+                requestTimeoutMs: Int = Connection.defaultRequestTimeoutMs,
+                blockingGraceMs: Int = Connection.defaultBlockingGraceMs,
                 loop: EventLoop = .shared) throws(LockError) {
         try Self.validate(host: host, port: port)
         if let auth { try Validation.secret(auth) }
@@ -107,9 +132,14 @@ public final class Connection: @unchecked Sendable {
         try Self.validate(milliseconds: connectTimeoutMs, name: "connectTimeoutMs")
         try Self.validate(milliseconds: socketTimeoutMs, name: "socketTimeoutMs")
         try Self.validate(milliseconds: keepAliveMs, name: "keepAliveMs")
+        try Self.validate(milliseconds: requestTimeoutMs, name: "requestTimeoutMs")
+        if blockingGraceMs < 0 {
+            throw .invalidArgument(name: "blockingGraceMs", reason: "must be 0 or more milliseconds, got \(blockingGraceMs)")
+        }
         self.init(endpoint: Endpoint(host: host, port: port),
                   configuration: Configuration(tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs,
-                                               tlsContext: tlsContext, keepAliveMs: keepAliveMs),
+                                               tlsContext: tlsContext, keepAliveMs: keepAliveMs,
+                                               requestTimeoutMs: requestTimeoutMs, blockingGraceMs: blockingGraceMs),
                   loop: loop)
     }
 
@@ -118,236 +148,196 @@ public final class Connection: @unchecked Sendable {
         self.endpoint = endpoint
         self.loop = loop
         self.configuration = configuration
+        // Validated by the public initializers already; checked again so that no path can
+        // connect without the auth it was configured with. A secret that cannot be sent fails
+        // the first request.
+        var auth: Request?
+        var refusal: LockError?
+        if let secret = configuration.auth {
+            do throws(LockError) { auth = try Request.auth(secret: secret) } catch { refusal = error }
+        }
+        core = ConnectionCore(limits: configuration.limits, auth: auth)
+        if let refusal {
+            makeTransport = { _ throws(LockError) in throw refusal }
+        } else {
+            makeTransport = Self.transportFactory(for: configuration)
+        }
     }
 
     deinit {
         let identifier = ObjectIdentifier(self)
-        let (loop, timers, transport) = (self.loop, [replyTimer, keepAliveTimer], self.transport)
+        let (loop, timer, transport) = (self.loop, self.timer, self.transport)
+        guard timer != nil || transport != nil else { return }
         loop.runOnLoop {
             loop.unregister(identifier)
-            timers.forEach { $0?.close() }
+            timer?.close()
             transport?.close()
         }
     }
 
     /// Opens the connection (and authenticates, when a secret is set) if it is not open yet.
-    /// The completion reports when it is ready, or why it cannot be.
+    /// The completion reports when it is ready, or why it cannot be; it runs even if the caller
+    /// keeps no reference to the connection.
     public func connect(completion: @escaping (Result<Void, LockError>) -> Void) {
         loop.runOnLoop(ifShutDown: { completion(.failure(.eventLoopShutDown)) }) { [self] in
-            switch phase {
-            case .open where isAuthenticated || configuration.auth == nil:
-                loop.runLater { completion(.success(())) }
-            case .closed(let error):
-                loop.runLater { completion(.failure(error)) }
-            default:
-                connectWaiters.append(completion)
-                startIfIdle()
-            }
+            connectWaiters.append(completion)
+            step(fromCaller: true) { core, now, actions in core.connect(nowMs: now, into: &actions) }
         }
     }
 
     /// Closes the connection without sending anything more. Outstanding requests fail with
-    /// ``LockError/closed``. Idempotent; safe from any thread.
+    /// ``LockError/closed``, on a later turn of the loop. Idempotent; safe from any thread.
     public func close() {
-        loop.runOnLoop { [self] in end(with: .closed, notifyDelegate: false) }
+        loop.runOnLoop { [self] in
+            step(fromCaller: true) { core, _, actions in core.close(.closed, into: &actions) }
+        }
     }
 
     /// Whether the connection is closed (by the caller, the server, or a failure). Loop thread.
     var isClosed: Bool {
-        if case .closed = phase { return true }
+        if case .closed = core.phase { return true }
         return false
     }
 
     /// Closes the connection because the caller's task was cancelled.
     func cancel() {
-        loop.runOnLoop { [self] in end(with: .cancelled, notifyDelegate: false) }
+        loop.runOnLoop { [self] in
+            step(fromCaller: true) { core, _, actions in core.close(.cancelled, into: &actions) }
+        }
     }
 
-    // MARK: - Sending
-
-    /// Sends `request` and completes with its reply, on the loop thread. Loop thread only.
-    func send(_ request: Request, completion: @escaping (Result<Reply, LockError>) -> Void) {
+    /// Sends `request` and completes with its reply, on the loop thread, never before this
+    /// returns. Loop thread only.
+    func send(_ request: Request, completion: @escaping Completion) {
         loop.assertInLoop()
-        if case .closed(let error) = phase {
-            loop.runLater { completion(.failure(error)) }
-            return
-        }
-        startIfIdle()
-        // Connecting can fail at once (inside uv_tcp_connect), closing the connection.
-        if case .closed(let error) = phase {
-            loop.runLater { completion(.failure(error)) }
-            return
-        }
-        append(request, completion: completion)
+        step(fromCaller: true) { core, now, actions in core.send(request, completion: completion, nowMs: now, into: &actions) }
     }
 
-    private func append(_ request: Request, completion: @escaping (Result<Reply, LockError>) -> Void) {
-        outstanding.append(Outstanding(request: request, completion: completion))
-        if outstanding.count == 1 {
-            selfWhileBusy = self
-            armReplyTimer()
-            keepAliveTimer?.cancel()
+    // MARK: - Driving the core
+
+    /// Feeds one input to the core and performs the actions it returns. A step taken while
+    /// another is being performed (a completion sending the next request) only adds its
+    /// actions, which the outer step performs in order; writes and the timer are settled once,
+    /// when the outermost step is done. The actions of a step the caller took are what must
+    /// not run inside the caller's call: completions, readiness and the end go to a later turn.
+    private func step(fromCaller: Bool, _ input: (inout ConnectionCore<Completion>, UInt64, inout [ConnectionCore<Completion>.Action]) -> Void) {
+        let first = actions.count
+        input(&core, loop.nowMs, &actions)
+        if fromCaller, actions.count > first { deferCallbacks(from: first) }
+        guard !isPerforming else { return }
+        isPerforming = true
+        var index = 0
+        while index < actions.count {
+            let action = actions[index]
+            index += 1
+            perform(action)
         }
-        if case .open = phase {
-            write(request)
-        } else {
-            request.encode(into: &unsent)
-        }
+        actions.removeAll(keepingCapacity: true)
+        flushWrites()
+        settleTimer()
+        let busy = core.hasOutstanding || !connectWaiters.isEmpty
+        if busy != (selfWhileBusy != nil) { selfWhileBusy = busy ? self : nil }
+        isPerforming = false
     }
 
-    private func write(_ request: Request) {
-        guard let transport else { return }
-        if isDelivering {
-            request.encode(into: &writtenWhileDelivering)
-        } else {
-            request.bytes.withUnsafeBytes { transport.write($0) }
-        }
-    }
-
-    private func startIfIdle() {
-        guard case .idle = phase else { return }
-        phase = .connecting
-        loop.register(self)
-        let transport: any Transport
-        var authRequest: Request?
-        do throws(LockError) {
-            // Validated by the public initializers already; checked again so that no path can
-            // connect without the auth it was configured with, or in clear instead of TLS.
-            if let secret = configuration.auth { authRequest = try Request.auth(secret: secret) }
-            if let tls = configuration.tls {
-                let context: TLSContext
-                if let cached = configuration.tlsContext {
-                    context = cached
-                } else {
-                    context = try TLSContext.shared(for: tls)
-                }
-                transport = TLSTransport(loop: loop, context: context, options: tls)
-            } else {
-                transport = makeTransport(loop)
+    /// Moves the callbacks among the actions from `first` on to one later turn of the loop.
+    private func deferCallbacks(from first: Int) {
+        var later: [ConnectionCore<Completion>.Action] = []
+        var kept = first
+        for index in first..<actions.count {
+            switch actions[index] {
+            case .startTransport, .closeTransport:
+                actions[kept] = actions[index]
+                kept += 1
+            case .complete, .ready, .ended:
+                later.append(actions[index])
             }
+        }
+        actions.removeSubrange(kept...)
+        guard !later.isEmpty else { return }
+        loop.runLater { [self] in
+            for action in later { perform(action) }
+        }
+    }
+
+    private func perform(_ action: ConnectionCore<Completion>.Action) {
+        switch action {
+        case .startTransport:
+            startTransport()
+        case .closeTransport:
+            loop.unregister(self)
+            transport?.close()
+            transport = nil
+        case .complete(let completion, let result):
+            completion(result)
+        case .ready:
+            finishConnecting(.success(()))
+        case .ended(let error, let notifyOwner):
+            timer?.close()
+            timer = nil
+            timerDueMs = nil
+            finishConnecting(.failure(error))
+            if notifyOwner { delegate?.connection(self, didCloseWith: error) }
+        }
+    }
+
+    private func startTransport() {
+        let transport: any Transport
+        do throws(LockError) {
+            transport = try makeTransport(loop)
         } catch {
-            loop.runLater { [self] in end(with: error, notifyDelegate: true) }
+            // Reported on a later turn, as any failure to connect.
+            loop.runLater { [self] in step(fromCaller: false) { core, _, actions in core.transportFailed(error, into: &actions) } }
             return
         }
+        loop.register(self)
         transport.delegate = self
         self.transport = transport
-        if let authRequest {
-            append(authRequest) { [weak self] result in self?.didAuthenticate(result) }
-        }
         transport.connect(to: endpoint, timeoutMilliseconds: configuration.connectTimeoutMs)
     }
 
-    private func didAuthenticate(_ result: Result<Reply, LockError>) {
-        if case .failure(let error) = result {
-            end(with: error, notifyDelegate: true)
-            return
-        }
-        isAuthenticated = true
-        finishConnecting(.success(()))
-    }
-
     private func finishConnecting(_ result: Result<Void, LockError>) {
+        guard !connectWaiters.isEmpty else { return }
         let waiters = connectWaiters
         connectWaiters.removeAll()
         for waiter in waiters { waiter(result) }
     }
 
-    // MARK: - Receiving
-
-    private func didRead(_ bytes: UnsafeRawBufferPointer) {
-        armReplyTimer()
-        // Requests that completions send back while these replies are delivered (a release and
-        // the next acquire, say) leave in one write when the read is done, not one write each.
-        isDelivering = true
-        defer {
-            isDelivering = false
-            if !writtenWhileDelivering.isEmpty, let transport {
-                writtenWhileDelivering.withUnsafeBytes { transport.write($0) }
-            }
-            writtenWhileDelivering.removeAll()
-        }
-        do {
-            try framer.feed(bytes) { line in
-                deliver(line)
-                if case .open = phase { return true }
-                return false
-            }
-        } catch {
-            end(with: error, notifyDelegate: true)
-        }
+    private func flushWrites() {
+        guard case .open = core.phase, !core.outbound.isEmpty, let transport else { return }
+        // Swapped out, so that the transport's write never overlaps an access to the core.
+        swap(&writeBuffer, &core.outbound)
+        writeBuffer.withUnsafeBytes { transport.write($0) }
+        writeBuffer.removeAll(keepingCapacity: true)
+        if core.outbound.isEmpty { swap(&writeBuffer, &core.outbound) }
     }
 
-    private func deliver(_ line: UnsafeRawBufferPointer) {
-        guard let next = outstanding.popFirst() else {
-            let text = String(decoding: line.prefix(80), as: UTF8.self)
-            end(with: .protocolViolation("a reply with no request outstanding: \(text.debugDescription)"), notifyDelegate: true)
-            return
-        }
-        if outstanding.isEmpty {
-            selfWhileBusy = nil
-            armKeepAlive()
-        }
-        armReplyTimer()
-        let result = ReplyDecoder.decode(line, for: next.request)
-        if case .failure(let error) = result, !ReplyDecoder.isRecoverable(error) {
-            // The server treats this request as malformed (0.5.0 closes the connection after it);
-            // nothing later on this connection can be trusted.
-            next.completion(result)
-            end(with: error, notifyDelegate: true)
-            return
-        }
-        next.completion(result)
+    /// Makes sure the timer fires no later than the core's next deadline. A timer due earlier
+    /// stays as it is (firing early only recomputes), so most requests cost no timer call.
+    private func settleTimer() {
+        guard let next = core.nextDeadlineMs else { return }
+        if let due = timerDueMs, due <= next { return }
+        let timer = self.timer ?? LoopTimer(loop: loop, closedByOwner: true) { [weak self] in self?.timerFired() }
+        self.timer = timer
+        let now = loop.nowMs
+        timer.schedule(afterMilliseconds: next > now ? Int(clamping: next - now) : 0)
+        timerDueMs = next
     }
 
-    /// Schedules a `ping` for when the connection will have been idle `keepAliveMs`.
-    private func armKeepAlive() {
-        guard let milliseconds = configuration.keepAliveMs, case .open = phase, outstanding.isEmpty else { return }
-        let timer = keepAliveTimer ?? LoopTimer(loop: loop) { [weak self] in
-            guard let self, case .open = phase, outstanding.isEmpty else { return }
-            // An answer other than `ok` ends the connection like any malformed reply.
-            send(.ping) { _ in }
-        }
-        keepAliveTimer = timer
-        timer.schedule(afterMilliseconds: milliseconds)
+    private func timerFired() {
+        timerDueMs = nil
+        step(fromCaller: false) { core, now, actions in core.timerFired(nowMs: now, into: &actions) }
     }
 
-    private func armReplyTimer() {
-        guard let milliseconds = configuration.socketTimeoutMs, case .open = phase else { return }
-        guard let head = outstanding.first else {
-            replyTimer?.cancel()
-            return
-        }
-        let timer = replyTimer ?? LoopTimer(loop: loop) { [weak self] in
-            self?.end(with: .socketTimeout(milliseconds: milliseconds), notifyDelegate: true)
-        }
-        replyTimer = timer
-        // A blocking acquire or wait is silent on purpose until its own timeout.
-        let blocking = (head.request.blockingSeconds ?? 0).multipliedReportingOverflow(by: 1000)
-        let allowance = milliseconds.addingReportingOverflow(blocking.partialValue)
-        timer.schedule(afterMilliseconds: blocking.overflow || allowance.overflow ? Int.max : allowance.partialValue)
-    }
-
-    // MARK: - Ending
-
-    /// Closes the transport and fails everything outstanding with `error`. Idempotent.
-    private func end(with error: LockError, notifyDelegate: Bool) {
-        if case .closed = phase { return }
-        if case .idle = phase {} else { loop.unregister(self) }
-        phase = .closed(error)
-        transport?.close()
-        transport = nil
-        replyTimer?.close()
-        replyTimer = nil
-        keepAliveTimer?.close()
-        keepAliveTimer = nil
-        unsent = []
-        let failed = outstanding
-        outstanding.removeAll()
-        withExtendedLifetime(selfWhileBusy) {
-            selfWhileBusy = nil
-            for request in failed { request.completion(.failure(error)) }
-            finishConnecting(.failure(error))
-            if notifyDelegate { delegate?.connection(self, didCloseWith: error) }
+    /// The transport the configuration asks for: TLS over TCP with `tls`, else TCP.
+    static func transportFactory(for configuration: Configuration) -> (EventLoop) throws(LockError) -> any Transport {
+        guard let tls = configuration.tls else { return { loop in TCPTransport(loop: loop) } }
+        let cached = configuration.tlsContext
+        let handshakeTimeoutMs = configuration.connectTimeoutMs == nil ? configuration.requestTimeoutMs : nil
+        return { loop throws(LockError) in
+            let context: TLSContext
+            if let cached { context = cached } else { context = try TLSContext.shared(for: tls) }
+            return TLSTransport(loop: loop, context: context, options: tls, handshakeTimeoutMilliseconds: handshakeTimeoutMs)
         }
     }
 
@@ -369,35 +359,21 @@ public final class Connection: @unchecked Sendable {
 
 extension Connection: LoopResource {
     func closeForShutdown() {
-        end(with: .eventLoopShutDown, notifyDelegate: true)
+        step(fromCaller: true) { core, _, actions in core.close(.eventLoopShutDown, notifyOwner: true, into: &actions) }
     }
 }
 
 extension Connection: TransportDelegate {
     func transportDidConnect(_ transport: any Transport) {
-        guard case .connecting = phase else { return }
-        phase = .open
-        armReplyTimer()
-        armKeepAlive()
-        if !unsent.isEmpty {
-            let bytes = unsent
-            unsent = []
-            bytes.withUnsafeBytes { transport.write($0) }
-        }
-        if configuration.auth == nil { finishConnecting(.success(())) }
+        step(fromCaller: false) { core, now, actions in core.transportConnected(nowMs: now, into: &actions) }
     }
 
     func transport(_ transport: any Transport, didRead bytes: UnsafeRawBufferPointer) {
-        didRead(bytes)
+        step(fromCaller: false) { core, now, actions in core.received(bytes, nowMs: now, into: &actions) }
     }
 
     func transport(_ transport: any Transport, didFailWith error: LockError) {
-        // A server that rejects auth may close before its `error_auth` is read.
-        if case .connectionClosed = error, outstanding.first?.request.command == .auth {
-            end(with: .authFailed, notifyDelegate: true)
-            return
-        }
-        end(with: error, notifyDelegate: true)
+        step(fromCaller: false) { core, _, actions in core.transportFailed(error, into: &actions) }
     }
 }
 
@@ -405,7 +381,7 @@ extension Connection: TransportDelegate {
 // show everything but that.
 extension Connection.Configuration: CustomStringConvertible, CustomDebugStringConvertible, CustomReflectable {
     var description: String {
-        "Configuration(tls: \(tls.map { "\($0)" } ?? "nil"), auth: \(auth == nil ? "nil" : "<redacted>"), connectTimeoutMs: \(connectTimeoutMs.map(String.init) ?? "nil"), socketTimeoutMs: \(socketTimeoutMs.map(String.init) ?? "nil"), keepAliveMs: \(keepAliveMs.map(String.init) ?? "nil"))"
+        "Configuration(tls: \(tls.map { "\($0)" } ?? "nil"), auth: \(auth == nil ? "nil" : "<redacted>"), connectTimeoutMs: \(connectTimeoutMs.map(String.init) ?? "nil"), socketTimeoutMs: \(socketTimeoutMs.map(String.init) ?? "nil"), keepAliveMs: \(keepAliveMs.map(String.init) ?? "nil"), requestTimeoutMs: \(requestTimeoutMs), blockingGraceMs: \(blockingGraceMs))"
     }
 
     var debugDescription: String { description }
@@ -413,7 +389,8 @@ extension Connection.Configuration: CustomStringConvertible, CustomDebugStringCo
     var customMirror: Mirror {
         Mirror(self, children: ["tls": tls as Any, "auth": (auth == nil ? nil : "<redacted>") as String? as Any,
                                 "connectTimeoutMs": connectTimeoutMs as Any, "socketTimeoutMs": socketTimeoutMs as Any,
-                                "keepAliveMs": keepAliveMs as Any],
+                                "keepAliveMs": keepAliveMs as Any, "requestTimeoutMs": requestTimeoutMs,
+                                "blockingGraceMs": blockingGraceMs],
                displayStyle: .struct)
     }
 }

@@ -38,6 +38,10 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
     case limitMismatch(key: String)
     /// The lease ran out before the grant reached this client (`error_lease_expired`).
     case leaseExpired(key: String)
+    /// `release` sent, but the server did not confirm it in time (a request deadline passed, it
+    /// stopped answering). The connection was closed; the server frees the key when it sees
+    /// that, and at the latest when the lease (`leaseS` seconds from the last renewal) ends.
+    case releaseUnconfirmed(key: String, leaseS: Int)
     /// The server is shutting down and takes no new grants (`error_draining`, dflockd 1.16 and
     /// later).
     case serverDraining
@@ -59,6 +63,10 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
     case connectTimeout(host: String, port: Int, milliseconds: Int)
     /// No byte arrived within `socketTimeoutMs` while a reply was awaited.
     case socketTimeout(milliseconds: Int)
+    /// No reply to `command` on `key` came within its deadline of `milliseconds` (a blocking
+    /// request's own timeout plus `blockingGraceMs`, any other request's `requestTimeoutMs`):
+    /// the server is frozen, overloaded or unreachable. The connection was closed.
+    case requestTimeout(command: String, key: String, milliseconds: Int)
     /// The connection ended (the server closed it, it was reset, or a read or write failed).
     case connectionClosed(reason: String)
     /// The server sent something that is not a valid reply to the request outstanding.
@@ -103,6 +111,8 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
             return "'\(key)' exists on the server as a semaphore with another limit (or, before dflockd 1.14, as the other kind of key); use the same kind and limit as its other users."
         case .leaseExpired(let key):
             return "the lease on '\(key)' expired before the grant reached this client; acquire again."
+        case .releaseUnconfirmed(let key, let leaseS):
+            return "the server did not confirm the release of '\(key)' in time; the connection was closed, so the key is freed when the server notices, at the latest when its lease ends (\(leaseS) s after the last renewal)."
         case .serverDraining:
             return "the server is draining (shutting down) and grants nothing new; retry on another server or later."
         case .notLeader(let leader):
@@ -111,7 +121,7 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
             }
             return "the server is not its cluster's leader and knows of none (an election is under way); retry shortly."
         case .serverError(let command, let key):
-            return "the server answered `error` to '\(command)' on '\(key)'; it treats the request as malformed or not allowed. The connection was closed."
+            return "the server answered `error` to '\(command)' on '\(key)'; it treats the request as malformed or not allowed."
         case .resolveFailed(let host, let reason):
             return "could not resolve host '\(host)': \(reason). Check the server address."
         case .connectFailed(let host, let port, let reason):
@@ -120,6 +130,8 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
             return "connecting to \(host):\(port) took longer than \(milliseconds) ms; check the network or raise connectTimeoutMs."
         case .socketTimeout(let milliseconds):
             return "no reply byte arrived within \(milliseconds) ms (socketTimeoutMs); the connection was closed."
+        case .requestTimeout(let command, let key, let milliseconds):
+            return "no reply to '\(command)' on '\(key)' within its deadline of \(milliseconds) ms; the server may be frozen or unreachable, so the connection was closed. Raise requestTimeoutMs or blockingGraceMs if the server is just slow."
         case .connectionClosed(let reason):
             return "the connection to the server ended: \(reason)."
         case .protocolViolation(let detail):

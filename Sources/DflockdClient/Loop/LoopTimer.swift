@@ -9,18 +9,26 @@ final class LoopTimer: LoopResource {
     private let loop: EventLoop
     private var handle: UnsafeMutablePointer<uv_timer_t>?
     private var action: (() -> Void)?
+    private let isRegistered: Bool
 
     /// Creates an unscheduled timer that will run `action` each time it fires.
-    init(loop: EventLoop, action: @escaping () -> Void) {
+    ///
+    /// - Parameter closedByOwner: Whether an owner that the loop's shutdown closes (a
+    ///   connection, a transport) closes this timer itself; otherwise the shutdown closes it,
+    ///   after the connections.
+    init(loop: EventLoop, closedByOwner: Bool = false, action: @escaping () -> Void) {
         loop.assertInLoop()
         self.loop = loop
         self.action = action
+        isRegistered = !closedByOwner
         let handle = UnsafeMutablePointer<uv_timer_t>.allocate(capacity: 1)
         uv_timer_init(loop.raw, handle)
         handle.pointee.data = Unmanaged.passRetained(self).toOpaque()
         self.handle = handle
-        loop.register(self)
+        if isRegistered { loop.register(self) }
     }
+
+    var closesBeforeTimers: Bool { false }
 
     /// Whether the timer is scheduled and has not fired yet.
     var isScheduled: Bool {
@@ -50,7 +58,7 @@ final class LoopTimer: LoopResource {
         guard let handle else { return }
         self.handle = nil
         action = nil
-        loop.unregister(self)
+        if isRegistered { loop.unregister(self) }
         uv_close(handle.asHandle, LoopTimer.onClose)
     }
 

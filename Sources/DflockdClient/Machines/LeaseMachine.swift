@@ -1,16 +1,32 @@
 /// The life cycle of one lock (or semaphore slot) as a pure value: events in, actions out.
 ///
-/// It owns no socket and no timer, so a unit test drives it with events alone. The driver
-/// (``DistributedLock``) performs the actions it returns, in order, and feeds back what the
-/// connection and timers report. Lock and semaphore share it: it names its requests abstractly
-/// (``Outgoing``) and the driver maps them to `l`/`sl` and friends.
+/// Every rule that decides a transition lives here: which call may start when, which failure
+/// means the lease is lost, refused or released, the `wait` timeout default, how a late grant is
+/// verified, what cancelling does, and which events are stale. The driver
+/// (``DistributedLease``) only performs the actions, in order, and feeds back what the
+/// connection and timers report, each connection event tagged with the ``Session`` it belongs
+/// to. Lock and semaphore share it: it names its requests abstractly (``Outgoing``) and the
+/// driver maps them to `l`/`sl` and friends.
+///
+/// Every call the caller makes (``Event/acquireRequested(_:force:)`` and the rest carry a
+/// ``CallID``) ends in exactly one ``Action/complete(_:_:_:)``, now or later.
 struct LeaseMachine: Sendable {
-    /// The caller-facing operations that can be in flight, one at a time.
-    enum Operation: Sendable, Hashable {
-        case acquire, enqueue, wait
+    /// One connection's generation: every connection event names the session it came from, and
+    /// events of a session that has ended are ignored.
+    typealias Session = UInt64
+
+    /// Names one caller call, so its completion and its cancellation find it.
+    struct CallID: Sendable, Hashable, CustomStringConvertible {
+        let raw: UInt64
+        var description: String { "#\(raw)" }
     }
 
-    /// How an operation ended.
+    /// The caller-facing operations.
+    enum Operation: Sendable, Hashable {
+        case acquire, enqueue, wait, release
+    }
+
+    /// How a call ended.
     enum Outcome: Sendable, Hashable {
         /// Granted (acquire/wait true; enqueue `.acquired`).
         case granted
@@ -18,6 +34,8 @@ struct LeaseMachine: Sendable {
         case queued
         /// The server's timeout passed (acquire/wait false).
         case timedOut
+        /// The release took effect (or the session it would have ended is gone).
+        case released
         case failed(LockError)
     }
 
@@ -30,49 +48,45 @@ struct LeaseMachine: Sendable {
         case release(token: String)
     }
 
-    enum Event: Sendable, Hashable {
+    enum Event: Sendable, Equatable {
         // From the caller.
-        case acquireRequested(force: Bool)
-        case enqueueRequested(force: Bool)
-        case waitRequested(timeoutS: Int)
-        case releaseRequested
+        case acquireRequested(CallID, force: Bool)
+        case enqueueRequested(CallID, force: Bool)
+        /// `timeoutS` nil: the lock's `acquireTimeoutS`.
+        case waitRequested(CallID, timeoutS: Int?)
+        case releaseRequested(CallID)
         case closeRequested
-        /// The caller's task was cancelled while an operation was in flight.
-        case cancelRequested
-        // From the connection.
-        case connected
-        /// The grant reached us; `sentAtMs` is when the request that earned it was sent.
-        case granted(Grant, sentAtMs: UInt64)
-        case enqueuedBehindHolder
-        case timedOut
-        case renewed(leaseS: Int, sentAtMs: UInt64)
-        case released
-        case requestFailed(LockError)
-        case connectionLost(LockError)
-        /// The lease timer fired: renew, or, with a renewal unanswered, check the deadline.
-        case timerFired(nowMs: UInt64)
+        /// The task that made call `CallID` was cancelled.
+        case cancelRequested(CallID)
+        // From the connection of `Session`.
+        case connected(Session)
+        /// The server answered `request`, which was sent at `sentAtMs` (loop clock).
+        case answered(Session, Outgoing, Reply, sentAtMs: UInt64)
+        /// `request` failed (a server status or the connection failing under it); nil
+        /// `request`: the connection itself failed or ended.
+        case failed(Session, Outgoing?, LockError)
+        // From the lease timer, scheduled for `Session`.
+        case timerFired(Session, nowMs: UInt64)
     }
 
     enum Action: Sendable, Hashable {
-        case openConnection
-        case closeConnection
-        case send(Outgoing)
-        /// (Re)starts the one lease timer: it fires ``Event/timerFired(nowMs:)``.
-        case scheduleTimer(afterMs: Int)
+        case openConnection(Session)
+        case closeConnection(Session)
+        case send(Session, Outgoing)
+        /// (Re)starts the one lease timer: it fires ``Event/timerFired(_:nowMs:)``.
+        case scheduleTimer(Session, afterMs: Int)
         case cancelTimer
-        /// Ends the operation in flight with `outcome`.
-        case finish(Operation, Outcome)
-        /// Ends the pending release: with success when `error` is nil.
-        case finishRelease(error: LockError?)
-        /// Rejects the request just made, leaving the machine as it was.
-        case reject(LockError)
-        /// Accepts the request just made as the operation in flight.
-        case accept(Operation)
-        /// Accepts the release just requested; ``finishRelease(_:)`` follows, now or later.
-        case acceptRelease
+        /// Ends call `CallID` (an `Operation`) with `Outcome`. Exactly once per call.
+        case complete(CallID, Operation, Outcome)
         /// Calls `onLockLost(key, token)`.
         case reportLockLost(token: String)
         case stateChanged(LockState)
+    }
+
+    /// The one caller operation in flight (besides a release).
+    struct Pending: Sendable, Hashable {
+        let call: CallID
+        let operation: Operation
     }
 
     /// What the machine knows about a held grant.
@@ -89,12 +103,20 @@ struct LeaseMachine: Sendable {
 
     enum State: Sendable, Hashable {
         case idle
-        case connecting(Operation)
-        /// Placed in the key's queue, or asking to be: `operation` is in flight when non-nil
-        /// (acquire or wait blocking, enqueue awaiting its answer), nil between enqueue and wait.
-        case queued(Operation?)
+        /// Opening the session for an acquire or enqueue.
+        case connecting(Pending)
+        /// `l`, `e` or `w` sent, the answer awaited.
+        case requesting(Pending)
+        /// A `w` answered with a grant that may have started long before it: the server dates
+        /// a lease from the grant, which can precede the `w` by more than the lease. The renewal
+        /// sent to confirm it is awaited before the wait reports held.
+        case verifying(Pending, Grant)
+        /// In the key's queue (enqueue answered `queued`), no call in flight.
+        case queued
         case held(Holding)
-        case releasing(token: String)
+        /// `r` sent for `token`; `leaseS` is the lease it ran under, for the error that says when
+        /// the server frees the key at the latest.
+        case releasing(CallID, token: String, leaseS: Int)
         /// Released, closed, timed out or lost; `lostToken` is set after a lost lease until the
         /// next acquisition, so that `release()` can say what happened.
         case closed(lostToken: String?)
@@ -107,6 +129,8 @@ struct LeaseMachine: Sendable {
     /// that sends nothing for their read timeout (23 s by default), releasing its locks.
     let maxIdleMs: Int?
     private(set) var state = State.idle
+    /// The latest session opened; it is live while ``isConnected``.
+    private(set) var session: Session = 0
 
     init(key: String, acquireTimeoutS: Int, renewRatio: Double, maxIdleMs: Int? = nil) {
         self.key = key
@@ -120,7 +144,7 @@ struct LeaseMachine: Sendable {
         switch state {
         case .idle: return .idle
         case .connecting: return .connecting
-        case .queued: return .queued
+        case .requesting, .verifying, .queued: return .queued
         case .held: return .held
         case .releasing: return .releasing
         case .closed: return .closed
@@ -133,17 +157,18 @@ struct LeaseMachine: Sendable {
         return nil
     }
 
-    private var isConnected: Bool {
+    /// Whether a session is open (or opening).
+    var isConnected: Bool {
         switch state {
         case .idle, .closed: return false
-        case .connecting, .queued, .held, .releasing: return true
+        case .connecting, .requesting, .verifying, .queued, .held, .releasing: return true
         }
     }
 
-    private var operationInFlight: Operation? {
+    /// The caller operation in flight, other than a release.
+    var pending: Pending? {
         switch state {
-        case .connecting(let operation): return operation
-        case .queued(let operation): return operation
+        case .connecting(let pending), .requesting(let pending), .verifying(let pending, _): return pending
         default: return nil
         }
     }
@@ -157,174 +182,237 @@ struct LeaseMachine: Sendable {
 
     private mutating func transition(on event: Event) -> [Action] {
         switch event {
-        case .acquireRequested(let force):
-            return start(.acquire, force: force)
-        case .enqueueRequested(let force):
-            return start(.enqueue, force: force)
-        case .waitRequested(let timeoutS):
-            return startWait(timeoutS: timeoutS)
-        case .releaseRequested:
-            return release()
+        case .acquireRequested(let call, let force):
+            return start(Pending(call: call, operation: .acquire), force: force)
+        case .enqueueRequested(let call, let force):
+            return start(Pending(call: call, operation: .enqueue), force: force)
+        case .waitRequested(let call, let timeoutS):
+            return startWait(call, timeoutS: timeoutS ?? acquireTimeoutS)
+        case .releaseRequested(let call):
+            return release(call)
         case .closeRequested:
             return shutDown(failingWith: .closed)
-        case .cancelRequested:
-            guard operationInFlight != nil else { return [] }
+        case .cancelRequested(let call):
+            // Only the operation in flight is cancelled; a release always runs to its end, and
+            // a call that already completed (the cancellation raced its completion) stays done.
+            guard pending?.call == call else { return [] }
             return shutDown(failingWith: .cancelled)
-        case .connected:
+        case .connected(let session):
+            guard isLive(session) else { return [] }
             return connected()
-        case .granted(let grant, let sentAtMs):
-            return granted(grant, sentAtMs: sentAtMs)
-        case .enqueuedBehindHolder:
-            guard case .queued(.enqueue) = state else { return [] }
-            state = .queued(nil)
-            return [.finish(.enqueue, .queued)]
-        case .timedOut:
-            guard case .queued(let operation?) = state, operation != .enqueue else { return [] }
+        case .answered(let session, let request, let reply, let sentAtMs):
+            guard isLive(session) else { return [] }
+            return answered(request, reply, sentAtMs: sentAtMs)
+        case .failed(let session, let request, let error):
+            guard isLive(session) else { return [] }
+            return failed(request, error)
+        case .timerFired(let session, let nowMs):
+            guard isLive(session) else { return [] }
+            return timerFired(nowMs: nowMs)
+        }
+    }
+
+    /// A connection or timer event of a session that has ended (a forced restart, a close, a
+    /// loss, or a failure reported once per outstanding request) is stale: ignored.
+    private func isLive(_ session: Session) -> Bool {
+        isConnected && session == self.session
+    }
+
+    // MARK: - Caller calls
+
+    private mutating func start(_ pending: Pending, force: Bool) -> [Action] {
+        var actions: [Action] = []
+        if isConnected {
+            guard force else { return [.complete(pending.call, pending.operation, .failed(.alreadyConnected(key: key)))] }
+            actions = shutDown(failingWith: .closed)
+        }
+        session += 1
+        state = .connecting(pending)
+        return actions + [.openConnection(session)]
+    }
+
+    private mutating func startWait(_ call: CallID, timeoutS: Int) -> [Action] {
+        do throws(LockError) {
+            try Validation.timeout(timeoutS, name: "timeoutS")
+        } catch {
+            return [.complete(call, .wait, .failed(error))]
+        }
+        switch state {
+        case .held:
+            // The fast path of enqueue already holds the lock.
+            return [.complete(call, .wait, .granted)]
+        case .queued:
+            state = .requesting(Pending(call: call, operation: .wait))
+            return [.send(session, .wait(timeoutS: timeoutS))]
+        case .connecting, .requesting, .verifying:
+            return [.complete(call, .wait, .failed(.operationInProgress(key: key)))]
+        case .idle, .closed, .releasing:
+            return [.complete(call, .wait, .failed(.notEnqueued(key: key)))]
+        }
+    }
+
+    private mutating func release(_ call: CallID) -> [Action] {
+        switch state {
+        case .held(let holding):
+            state = .releasing(call, token: holding.grant.token, leaseS: holding.leaseS)
+            return [.cancelTimer, .send(session, .release(token: holding.grant.token))]
+        case .connecting, .requesting, .verifying, .queued:
+            // Nothing is held yet: leaving the queue is closing the session.
+            return shutDown(failingWith: .closed) + [.complete(call, .release, .released)]
+        case .releasing:
+            return [.complete(call, .release, .failed(.operationInProgress(key: key)))]
+        case .closed(let lostToken?):
             state = .closed(lostToken: nil)
-            return [.closeConnection, .finish(operation, .timedOut)]
-        case .renewed(let leaseS, let sentAtMs):
-            guard case .held(var holding) = state else { return [] }
+            return [.complete(call, .release, .failed(.lockLost(key: key, token: lostToken)))]
+        case .idle, .closed(nil):
+            return [.complete(call, .release, .failed(.notConnected(key: key)))]
+        }
+    }
+
+    // MARK: - Connection events of the live session
+
+    private mutating func connected() -> [Action] {
+        guard case .connecting(let pending) = state else {
+            return impossible("connected while \(state)")
+        }
+        state = .requesting(pending)
+        switch pending.operation {
+        case .acquire: return [.send(session, .acquire(timeoutS: acquireTimeoutS))]
+        case .enqueue: return [.send(session, .enqueue)]
+        case .wait, .release: return impossible("connecting for \(pending.operation)")
+        }
+    }
+
+    private mutating func answered(_ request: Outgoing, _ reply: Reply, sentAtMs: UInt64) -> [Action] {
+        switch (state, request, reply) {
+        case (.requesting(let pending), .acquire, .granted(let grant)),
+             (.requesting(let pending), .enqueue, .granted(let grant)):
+            // Granted on receipt or while the request blocked: the lease started after we sent.
+            return hold(grant, leaseS: grant.leaseS, sentAtMs: sentAtMs) + [.complete(pending.call, pending.operation, .granted)]
+        case (.requesting(let pending), .enqueue, .queued):
+            state = .queued
+            return [.complete(pending.call, .enqueue, .queued)]
+        case (.requesting(let pending), .wait, .granted(let grant)):
+            state = .verifying(pending, grant)
+            return [.send(session, .renew(token: grant.token))]
+        case (.requesting(let pending), .acquire, .timeout), (.requesting(let pending), .wait, .timeout):
+            state = .closed(lostToken: nil)
+            return [.closeConnection(session), .complete(pending.call, pending.operation, .timedOut)]
+        case (.verifying(let pending, let grant), .renew, .renewed(let leaseS)):
+            return hold(grant, leaseS: leaseS, sentAtMs: sentAtMs) + [.complete(pending.call, .wait, .granted)]
+        case (.held(var holding), .renew, .renewed(let leaseS)):
             holding.renewalInFlight = false
             holding.leaseS = leaseS
             holding.deadlineMs = deadline(sentAtMs: sentAtMs, leaseS: leaseS)
             state = .held(holding)
-            return [.scheduleTimer(afterMs: renewalDelayMs(leaseS: leaseS))]
-        case .released:
-            guard case .releasing = state else { return [] }
+            return [.scheduleTimer(session, afterMs: renewalDelayMs(leaseS: leaseS))]
+        case (.releasing(let call, _, _), .release, .ok):
             state = .closed(lostToken: nil)
-            return [.closeConnection, .finishRelease(error: nil)]
-        case .requestFailed(let error):
-            return requestFailed(error)
-        case .connectionLost(let error):
-            return connectionLost(error)
-        case .timerFired(let nowMs):
-            return timerFired(nowMs: nowMs)
+            return [.closeConnection(session), .complete(call, .release, .released)]
+        case (.releasing, .renew, .renewed):
+            // A renewal that crossed the release: the release's own answer decides.
+            return []
+        default:
+            // The decoder admits only the replies each request can have, and each request is
+            // sent from one state, which only its answer (or the session's end) leaves.
+            return impossible("\(reply) to \(request) while \(state)")
+        }
+    }
+
+    private mutating func failed(_ request: Outgoing?, _ error: LockError) -> [Action] {
+        let refused = request != nil && error.isServerAnswer
+        switch state {
+        case .held(let holding):
+            // A refused renewal or a lost connection: the lease is no longer ours.
+            return lose(holding.grant.token)
+        case .releasing(let call, _, let leaseS):
+            if refused {
+                // A refused renewal that crossed the release changes nothing; a refused release
+                // says the token no longer held the key.
+                guard case .release = request else { return [] }
+                state = .closed(lostToken: nil)
+                return [.closeConnection(session), .complete(call, .release, .failed(error))]
+            }
+            state = .closed(lostToken: nil)
+            return [.closeConnection(session), .complete(call, .release, releaseOutcome(after: error, leaseS: leaseS))]
+        case .verifying(let pending, _) where refused:
+            // The grant's lease had run out on the server: someone else may hold the key now.
+            state = .closed(lostToken: nil)
+            return [.closeConnection(session), .complete(pending.call, .wait, .failed(.leaseExpired(key: key)))]
+        case .connecting, .requesting, .verifying, .queued:
+            return shutDown(failingWith: error)
+        case .idle, .closed:
+            return impossible("a failure of a live session while \(state)")
+        }
+    }
+
+    /// What a release whose session failed under it achieved. A closed connection releases
+    /// everything it held (the server frees a closed session's keys); a release nobody
+    /// answered (a deadline passed, a frozen server) may not have reached it, and the key is
+    /// then free at the latest when its lease ends.
+    private func releaseOutcome(after error: LockError, leaseS: Int) -> Outcome {
+        switch error {
+        case .connectionClosed, .tls, .closed:
+            return .released
+        case .eventLoopShutDown:
+            return .failed(.eventLoopShutDown)
+        default:
+            return .failed(.releaseUnconfirmed(key: key, leaseS: leaseS))
         }
     }
 
     /// Renews when due; with a renewal unanswered, the timer waits for the local deadline, and
     /// reaching it loses the lock before the server can hand it to someone else.
     private mutating func timerFired(nowMs: UInt64) -> [Action] {
-        guard case .held(var holding) = state else { return [] }
+        guard case .held(var holding) = state else {
+            // The timer is cancelled whenever the lease ends; a firing already on its way is
+            // stale.
+            return []
+        }
         if nowMs >= holding.deadlineMs {
             return lose(holding.grant.token)
         }
         let untilDeadline = Int(holding.deadlineMs - nowMs)
         if holding.renewalInFlight {
-            return [.scheduleTimer(afterMs: untilDeadline)]
+            return [.scheduleTimer(session, afterMs: untilDeadline)]
         }
         holding.renewalInFlight = true
         state = .held(holding)
-        return [.send(.renew(token: holding.grant.token)), .scheduleTimer(afterMs: untilDeadline)]
+        return [.send(session, .renew(token: holding.grant.token)), .scheduleTimer(session, afterMs: untilDeadline)]
     }
 
-    private mutating func start(_ operation: Operation, force: Bool) -> [Action] {
-        var actions: [Action] = []
-        if isConnected {
-            guard force else { return [.reject(.alreadyConnected(key: key))] }
-            actions = shutDown(failingWith: .closed)
-        }
-        state = .connecting(operation)
-        return actions + [.accept(operation), .openConnection]
-    }
+    // MARK: - Endings
 
-    private mutating func startWait(timeoutS: Int) -> [Action] {
-        switch state {
-        case .held:
-            // The fast path of enqueue already holds the lock.
-            return [.accept(.wait), .finish(.wait, .granted)]
-        case .queued(nil):
-            state = .queued(.wait)
-            return [.accept(.wait), .send(.wait(timeoutS: timeoutS))]
-        case .queued(.some), .connecting:
-            return [.reject(.operationInProgress(key: key))]
-        case .idle, .closed, .releasing:
-            return [.reject(.notEnqueued(key: key))]
-        }
-    }
-
-    private mutating func release() -> [Action] {
-        switch state {
-        case .held(let holding):
-            state = .releasing(token: holding.grant.token)
-            return [.acceptRelease, .cancelTimer, .send(.release(token: holding.grant.token))]
-        case .connecting, .queued:
-            // Nothing is held yet: leaving the queue is closing the session.
-            return [.acceptRelease] + shutDown(failingWith: .closed) + [.finishRelease(error: nil)]
-        case .releasing:
-            return [.reject(.notConnected(key: key))]
-        case .closed(let lostToken?):
-            state = .closed(lostToken: nil)
-            return [.reject(.lockLost(key: key, token: lostToken))]
-        case .idle, .closed(nil):
-            return [.reject(.notConnected(key: key))]
-        }
-    }
-
-    private mutating func connected() -> [Action] {
-        guard case .connecting(let operation) = state else { return [] }
-        state = .queued(operation)
-        switch operation {
-        case .acquire: return [.send(.acquire(timeoutS: acquireTimeoutS))]
-        case .enqueue: return [.send(.enqueue)]
-        case .wait: return []
-        }
-    }
-
-    private mutating func granted(_ grant: Grant, sentAtMs: UInt64) -> [Action] {
-        guard case .queued(let operation?) = state else { return [] }
-        state = .held(Holding(grant: grant, leaseS: grant.leaseS, deadlineMs: deadline(sentAtMs: sentAtMs, leaseS: grant.leaseS)))
-        return [.scheduleTimer(afterMs: renewalDelayMs(leaseS: grant.leaseS)), .finish(operation, .granted)]
-    }
-
-    private mutating func requestFailed(_ error: LockError) -> [Action] {
-        switch state {
-        case .held(let holding) where holding.renewalInFlight:
-            return lose(holding.grant.token)
-        case .releasing:
-            // The token no longer held the key; say so, and end the session either way.
-            state = .closed(lostToken: nil)
-            return [.closeConnection, .finishRelease(error: error)]
-        case .connecting, .queued:
-            return shutDown(failingWith: error)
-        default:
-            return []
-        }
-    }
-
-    private mutating func connectionLost(_ error: LockError) -> [Action] {
-        switch state {
-        case .held(let holding):
-            return lose(holding.grant.token)
-        case .releasing:
-            // The server releases everything of a closed session: the release happened.
-            state = .closed(lostToken: nil)
-            return [.closeConnection, .finishRelease(error: nil)]
-        case .connecting, .queued:
-            return shutDown(failingWith: error)
-        case .idle, .closed:
-            return []
-        }
+    private mutating func hold(_ grant: Grant, leaseS: Int, sentAtMs: UInt64) -> [Action] {
+        state = .held(Holding(grant: grant, leaseS: leaseS, deadlineMs: deadline(sentAtMs: sentAtMs, leaseS: leaseS)))
+        return [.scheduleTimer(session, afterMs: renewalDelayMs(leaseS: leaseS))]
     }
 
     private mutating func lose(_ token: String) -> [Action] {
         state = .closed(lostToken: token)
-        return [.cancelTimer, .closeConnection, .reportLockLost(token: token)]
+        return [.cancelTimer, .closeConnection(session), .reportLockLost(token: token)]
     }
 
-    /// Ends the session: closes the connection and fails the operation in flight, if any.
+    /// Ends the session: closes the connection, fails the operation in flight with `error`,
+    /// and completes a release in flight (closing the session releases its keys).
     private mutating func shutDown(failingWith error: LockError) -> [Action] {
-        let operation = operationInFlight
-        let wasReleasing: Bool
-        if case .releasing = state { wasReleasing = true } else { wasReleasing = false }
-        let wasConnected = isConnected
-        if case .closed = state {} else { state = .closed(lostToken: nil) }
-        var actions: [Action] = []
-        if wasConnected { actions += [.cancelTimer, .closeConnection] }
-        if let operation { actions.append(.finish(operation, .failed(error))) }
-        if wasReleasing { actions.append(.finishRelease(error: nil)) }
+        guard isConnected else { return [] }
+        var actions: [Action] = [.cancelTimer, .closeConnection(session)]
+        if let pending { actions.append(.complete(pending.call, pending.operation, .failed(error))) }
+        if case .releasing(let call, _, _) = state { actions.append(.complete(call, .release, .released)) }
+        state = .closed(lostToken: nil)
         return actions
     }
+
+    /// Events that the connection and the driver never produce: asserted in debug builds; in
+    /// release builds the session ends as if the server had broken the protocol.
+    private mutating func impossible(_ what: String) -> [Action] {
+        assertionFailure("LeaseMachine(\(key)): \(what)")
+        if case .held(let holding) = state { return lose(holding.grant.token) }
+        return shutDown(failingWith: .protocolViolation(what))
+    }
+
+    // MARK: - Lease arithmetic
 
     /// A lease in milliseconds; absurd leases from a misbehaving server are capped at 2³¹ s
     /// (68 years) rather than overflowing.
@@ -360,3 +448,16 @@ struct LeaseMachine: Sendable {
     }
 }
 
+extension LockError {
+    /// Whether the server itself answered with this status, as opposed to the connection
+    /// failing under the request.
+    var isServerAnswer: Bool {
+        switch self {
+        case .notHeld, .notEnqueued, .alreadyEnqueued, .maxLocks, .maxWaiters, .limitMismatch,
+             .leaseExpired, .serverDraining, .serverError, .authFailed:
+            return true
+        default:
+            return false
+        }
+    }
+}

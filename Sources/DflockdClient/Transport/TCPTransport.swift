@@ -8,9 +8,13 @@ import Glibc
 /// the whole attempt. Reads land in the loop's shared buffer; writes go out with `uv_try_write`
 /// and only the part the kernel did not take is copied, once, into a queued `uv_write_t`.
 ///
+/// Every connection has TCP keepalive on (probes after 30 s idle, as the Go client), so a dead
+/// peer is found even on an idle connection. A failure found inside ``connect(to:timeoutMilliseconds:)``
+/// or ``write(_:)`` is reported on a later turn of the loop, never inside the call.
+///
 /// Loop thread only. Each libuv handle or request in flight holds a reference to the transport,
 /// released in its final callback, so no callback ever meets a freed object.
-final class TCPTransport: Transport, LoopResource {
+final class TCPTransport: Transport {
     weak var delegate: (any TransportDelegate)?
 
     private let loop: EventLoop
@@ -22,6 +26,11 @@ final class TCPTransport: Transport, LoopResource {
     private var nextAddress = 0
     private var lastConnectError: Int32 = 0
     private var connectTimer: LoopTimer?
+    /// Set while the owner's connect or write runs: a failure then is reported later.
+    private var inOwnerCall = false
+
+    /// Idle time before the first keepalive probe, in seconds.
+    static let keepAliveDelaySeconds: UInt32 = 30
 
     private enum Phase {
         case idle, resolving, connecting, open, closed
@@ -34,10 +43,11 @@ final class TCPTransport: Transport, LoopResource {
     func connect(to endpoint: Endpoint, timeoutMilliseconds: Int?) {
         loop.assertInLoop()
         guard phase == .idle else { return }
+        inOwnerCall = true
+        defer { inOwnerCall = false }
         self.endpoint = endpoint
-        loop.register(self)
         if let timeoutMilliseconds {
-            let timer = LoopTimer(loop: loop) { [weak self] in
+            let timer = LoopTimer(loop: loop, closedByOwner: true) { [weak self] in
                 self?.fail(.connectTimeout(host: endpoint.host, port: endpoint.port, milliseconds: timeoutMilliseconds))
             }
             timer.schedule(afterMilliseconds: timeoutMilliseconds)
@@ -54,6 +64,8 @@ final class TCPTransport: Transport, LoopResource {
 
     func write(_ bytes: UnsafeRawBufferPointer) {
         guard phase == .open, let tcp, let base = bytes.baseAddress, !bytes.isEmpty else { return }
+        inOwnerCall = true
+        defer { inOwnerCall = false }
         var buffer = uv_buf_init(UnsafeMutablePointer(mutating: base.assumingMemoryBound(to: CChar.self)), UInt32(bytes.count))
         // uv_try_write answers EAGAIN while earlier writes are queued, so order is kept.
         let sent = Int(uv_try_write(tcp.asStream, &buffer, 1))
@@ -81,10 +93,6 @@ final class TCPTransport: Transport, LoopResource {
         phase = .closed
         delegate = nil
         releaseHandles()
-    }
-
-    func closeForShutdown() {
-        fail(.eventLoopShutDown)
     }
 
     // MARK: - Connecting
@@ -135,6 +143,7 @@ final class TCPTransport: Transport, LoopResource {
             uv_tcp_init(loop.raw, handle)
             handle.pointee.data = Unmanaged.passRetained(self).toOpaque()
             uv_tcp_nodelay(handle, 1)
+            uv_tcp_keepalive(handle, 1, Self.keepAliveDelaySeconds)
             let request = UnsafeMutablePointer<uv_connect_t>.allocate(capacity: 1)
             let result = withUnsafePointer(to: &addresses[nextAddress]) { address in
                 address.withMemoryRebound(to: sockaddr.self, capacity: 1) { address in
@@ -183,11 +192,16 @@ final class TCPTransport: Transport, LoopResource {
         let delegate = self.delegate
         self.delegate = nil
         releaseHandles()
-        delegate?.transport(self, didFailWith: error)
+        guard let delegate else { return }
+        if inOwnerCall {
+            // Found inside the owner's call (libuv's delayed error): reported on a later turn.
+            loop.runLater { [self] in delegate.transport(self, didFailWith: error) }
+        } else {
+            delegate.transport(self, didFailWith: error)
+        }
     }
 
     private func releaseHandles() {
-        loop.unregister(self)
         connectTimer?.close()
         connectTimer = nil
         if let resolveRequest {

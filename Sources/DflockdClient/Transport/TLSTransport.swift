@@ -11,9 +11,12 @@ import Glibc
 ///
 /// - The delegate hears `transportDidConnect` only after the handshake, and the connect timeout
 ///   covers TCP connect and handshake together.
-/// - Decrypted bytes go into the loop's shared ``EventLoop/tlsPlaintextBuffer`` and are handed
-///   to the delegate before the read callback returns: a connection owns no read buffer, and
-///   OpenSSL frees its record buffers while idle (`SSL_MODE_RELEASE_BUFFERS`).
+/// - Decrypted bytes go into the loop thread's shared ``PlaintextBuffer`` and are handed to the
+///   delegate before the read callback returns: a connection owns no read buffer, and OpenSSL
+///   frees its record buffers while idle (`SSL_MODE_RELEASE_BUFFERS`).
+/// - Without an overall connect timeout, the handshake is limited to
+///   `handshakeTimeoutMilliseconds` from when TCP is up. A failure found inside
+///   ``connect(to:timeoutMilliseconds:)`` or ``write(_:)`` is reported on a later turn.
 /// - Plaintext written before the handshake finished is held back and sent encrypted once it
 ///   has; it never reaches the wire in clear.
 /// - ``close()`` sends `close_notify` (best effort: it goes out if the socket takes it at once),
@@ -22,7 +25,7 @@ import Glibc
 /// Loop thread only. The SSL object is freed exactly once: at close, or, when the close happens
 /// inside one of this object's own calls (a delegate closing from its read callback), when that
 /// call unwinds.
-final class TLSTransport: Transport, LoopResource {
+final class TLSTransport: Transport {
     weak var delegate: (any TransportDelegate)?
 
     private let loop: EventLoop
@@ -32,6 +35,10 @@ final class TLSTransport: Transport, LoopResource {
     private var endpoint = Endpoint(host: "", port: 0)
     private var tcp: TCPTransport?
     private var connectTimer: LoopTimer?
+    private let handshakeTimeoutMilliseconds: Int?
+    /// How many of the owner's calls (connect, write) are on the stack: a failure found then is
+    /// reported on a later turn.
+    private var ownerCalls = 0
     /// The SSL object; it owns both BIOs.
     private var ssl: OpaquePointer?
     /// Ciphertext from the network, for OpenSSL to read.
@@ -59,10 +66,11 @@ final class TLSTransport: Transport, LoopResource {
         case idle, connecting, handshaking, open, closed
     }
 
-    init(loop: EventLoop, context: TLSContext, options: TLSOptions) {
+    init(loop: EventLoop, context: TLSContext, options: TLSOptions, handshakeTimeoutMilliseconds: Int? = nil) {
         self.loop = loop
         self.context = context
         self.options = options
+        self.handshakeTimeoutMilliseconds = handshakeTimeoutMilliseconds
     }
 
     deinit {
@@ -76,18 +84,12 @@ final class TLSTransport: Transport, LoopResource {
     func connect(to endpoint: Endpoint, timeoutMilliseconds: Int?) {
         loop.assertInLoop()
         guard phase == .idle else { return }
+        ownerCalls += 1
+        defer { ownerCalls -= 1 }
         busy {
             self.endpoint = endpoint
             phase = .connecting
-            loop.register(self)
-            if let timeoutMilliseconds {
-                let timer = LoopTimer(loop: loop) { [weak self] in
-                    guard let self else { return }
-                    busy { fail(.connectTimeout(host: endpoint.host, port: endpoint.port, milliseconds: timeoutMilliseconds)) }
-                }
-                timer.schedule(afterMilliseconds: timeoutMilliseconds)
-                connectTimer = timer
-            }
+            if let timeoutMilliseconds { startConnectTimer(timeoutMilliseconds) }
             let tcp = TCPTransport(loop: loop)
             tcp.delegate = self
             self.tcp = tcp
@@ -96,8 +98,20 @@ final class TLSTransport: Transport, LoopResource {
         }
     }
 
+    private func startConnectTimer(_ milliseconds: Int) {
+        let endpoint = self.endpoint
+        let timer = LoopTimer(loop: loop, closedByOwner: true) { [weak self] in
+            guard let self else { return }
+            busy { fail(.connectTimeout(host: endpoint.host, port: endpoint.port, milliseconds: milliseconds)) }
+        }
+        timer.schedule(afterMilliseconds: milliseconds)
+        connectTimer = timer
+    }
+
     func write(_ bytes: UnsafeRawBufferPointer) {
         guard !bytes.isEmpty else { return }
+        ownerCalls += 1
+        defer { ownerCalls -= 1 }
         switch phase {
         case .idle, .connecting, .handshaking:
             heldBack.append(contentsOf: bytes)
@@ -114,10 +128,6 @@ final class TLSTransport: Transport, LoopResource {
         phase = .closed
         delegate = nil
         busy { release(sendingCloseNotify: wasOpen) }
-    }
-
-    func closeForShutdown() {
-        busy { fail(.eventLoopShutDown) }
     }
 
     // MARK: - Handshake
@@ -248,10 +258,8 @@ final class TLSTransport: Transport, LoopResource {
     /// buffer, handing it to the delegate whenever the buffer is full and at the end.
     private func readPlaintext() {
         guard phase == .open, let ssl else { return }
-        assert(!loop.tlsPlaintextBufferInUse, "two TLS connections decrypting into the shared buffer at once")
-        loop.tlsPlaintextBufferInUse = true
-        defer { loop.tlsPlaintextBufferInUse = false }
-        let buffer = loop.tlsPlaintextBuffer
+        let buffer = PlaintextBuffer.take()
+        defer { PlaintextBuffer.giveBack() }
         guard let base = buffer.baseAddress else { return }
         var filled = 0
         while phase == .open {
@@ -351,13 +359,18 @@ final class TLSTransport: Transport, LoopResource {
         let delegate = self.delegate
         self.delegate = nil
         release(sendingCloseNotify: sendingCloseNotify)
-        delegate?.transport(self, didFailWith: error)
+        guard let delegate else { return }
+        if ownerCalls > 0 {
+            // Found inside the owner's call (libuv's delayed error): reported on a later turn.
+            loop.runLater { [self] in delegate.transport(self, didFailWith: error) }
+        } else {
+            delegate.transport(self, didFailWith: error)
+        }
     }
 
     /// Stops the timer, says goodbye if the session is healthy, closes the TCP stream. The SSL
     /// object goes when the outermost call of this object returns.
     private func release(sendingCloseNotify: Bool) {
-        loop.unregister(self)
         connectTimer?.close()
         connectTimer = nil
         heldBack = []
@@ -403,7 +416,10 @@ final class TLSTransport: Transport, LoopResource {
 extension TLSTransport: TransportDelegate {
     func transportDidConnect(_ transport: any Transport) {
         guard phase == .connecting else { return }
-        busy { startHandshake() }
+        busy {
+            if connectTimer == nil, let handshakeTimeoutMilliseconds { startConnectTimer(handshakeTimeoutMilliseconds) }
+            startHandshake()
+        }
     }
 
     func transport(_ transport: any Transport, didRead bytes: UnsafeRawBufferPointer) {
@@ -429,5 +445,42 @@ extension TLSTransport: TransportDelegate {
                 fail(error)
             }
         }
+    }
+}
+
+/// The buffer every TLS connection on a thread decrypts into (the ciphertext it decrypts sits
+/// in the loop's read buffer at the time, hence a second buffer). A connection fills it with
+/// `SSL_read` and hands it to its delegate before returning from its read callback, and libuv
+/// never nests read callbacks, so one buffer per loop thread serves them all. 16 KiB is the
+/// largest plaintext of one TLS record. Allocated on a thread's first TLS read; freed when the
+/// thread exits.
+enum PlaintextBuffer {
+    static let byteCount = 16 * 1024
+
+    /// Allocation: the buffer, then one byte saying whether it is in use.
+    private static let key: pthread_key_t = {
+        var key = pthread_key_t()
+        precondition(pthread_key_create(&key, { $0?.deallocate() }) == 0, "pthread_key_create failed")
+        return key
+    }()
+
+    /// The calling thread's buffer, marked in use.
+    static func take() -> UnsafeMutableRawBufferPointer {
+        let base: UnsafeMutableRawPointer
+        if let existing = pthread_getspecific(key) {
+            base = existing
+        } else {
+            base = .allocate(byteCount: byteCount + 1, alignment: 16)
+            base.storeBytes(of: 0, toByteOffset: byteCount, as: UInt8.self)
+            pthread_setspecific(key, base)
+        }
+        assert(base.load(fromByteOffset: byteCount, as: UInt8.self) == 0, "two TLS connections decrypting into the shared buffer at once")
+        base.storeBytes(of: 1, toByteOffset: byteCount, as: UInt8.self)
+        return UnsafeMutableRawBufferPointer(start: base, count: byteCount)
+    }
+
+    /// Marks the calling thread's buffer free again.
+    static func giveBack() {
+        pthread_getspecific(key)?.storeBytes(of: 0, toByteOffset: byteCount, as: UInt8.self)
     }
 }

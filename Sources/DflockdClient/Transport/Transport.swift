@@ -22,7 +22,8 @@ protocol TransportDelegate: AnyObject {
     /// Bytes arrived. The buffer is only valid during the call.
     func transport(_ transport: any Transport, didRead bytes: UnsafeRawBufferPointer)
     /// The transport ended for a reason other than its owner's ``Transport/close()``: connect
-    /// failure, EOF, reset, timeout. Called at most once, and nothing follows it.
+    /// failure, EOF, reset, timeout. Called at most once, and nothing follows it; never inside
+    /// the owner's ``Transport/connect(to:timeoutMilliseconds:)`` or ``Transport/write(_:)``.
     func transport(_ transport: any Transport, didFailWith error: LockError)
 }
 

@@ -1,0 +1,299 @@
+import CUV
+import Glibc
+
+/// What runs an ``EventLoop``: its `uv_loop_t`, thread, wake-up handle, inbox of work from
+/// other threads, and the registry of what shutdown must close.
+///
+/// Separate from the public object so that its life is tied to libuv's: the wake-up handle
+/// holds a reference to the engine until its close callback, so no callback ever meets a freed
+/// engine, and the public object's deinit can shut a forgotten loop down from any thread.
+///
+/// Inbox and drain (for executors that hook in): ``tryExecute(_:)`` appends under the inbox
+/// lock and sends the wake-up; ``drainInbox()`` runs on the loop thread in the wake-up's
+/// callback and runs the work taken in one batch, in order.
+final class LoopEngine: @unchecked Sendable {
+    let raw: UnsafeMutablePointer<uv_loop_t>
+
+    /// One read buffer for every stream on the loop: libuv calls a stream's allocation callback
+    /// and its read callback back to back on this thread, so the bytes are consumed before the
+    /// buffer is handed out again. Thousands of idle connections then cost no buffer each.
+    let readBuffer: UnsafeMutableRawBufferPointer
+
+    /// Read callbacks since the loop last polled: one per connection that had bytes waiting
+    /// (more only for a connection with over 64 KiB waiting). Loop thread only.
+    var readsSincePoll = 0
+    /// Times the loop waited out its batching window before polling. Loop thread only.
+    private(set) var batchingWaits = 0
+
+    private let ownsLoop: Bool
+    private let loopThread: pthread_t
+    private let wakeup: UnsafeMutablePointer<uv_async_t>
+    /// Runs just before each poll to apply the batching window; nil when the window is zero.
+    private let beforePoll: UnsafeMutablePointer<uv_prepare_t>?
+    private let batchingWindow: timespec
+    private let inbox = ThreadLock(Inbox())
+
+    /// The top-level owners of handles (connections, timers of locks) that shutdown closes.
+    /// Loop thread only. Held weakly: a connection its owner dropped must still be free to go.
+    private var resources: [ObjectIdentifier: WeakResource] = [:]
+    private var registrations = 0
+    /// Set when shutdown begins; from then on no work runs on the loop. Loop thread only.
+    private(set) var isShutDown = false
+    /// Whether the (normally unreferenced) wake-up of a borrowed loop is referenced for now,
+    /// because work given to `execute` on the loop thread has yet to run. Loop thread only.
+    private var wakeupKeepsLoopAlive = false
+    /// Taken by the caller of `shutdown()` that does the work, for all of it; true once done,
+    /// so concurrent and later callers wait for it and then return.
+    private let shutdownDone = ThreadLock(false)
+
+    private struct Inbox {
+        var work: [@Sendable () -> Void] = []
+        var isClosed = false
+        /// Set by an owned loop's shutdown: the next wake-up closes everything.
+        var closeRequested = false
+    }
+
+    init(batchingWindow: Duration) {
+        raw = .allocate(capacity: 1)
+        precondition(uv_loop_init(raw) == 0, "uv_loop_init failed")
+        ownsLoop = true
+        readBuffer = .allocate(byteCount: 64 * 1024, alignment: 16)
+        wakeup = .allocate(capacity: 1)
+        precondition(uv_async_init(raw, wakeup, LoopEngine.onWakeup) == 0, "uv_async_init failed")
+        let window = min(max(batchingWindow, .zero), .milliseconds(10))
+        let nanoseconds = window.components.seconds * 1_000_000_000 + window.components.attoseconds / 1_000_000_000
+        self.batchingWindow = timespec(tv_sec: Int(nanoseconds / 1_000_000_000), tv_nsec: Int(nanoseconds % 1_000_000_000))
+        if nanoseconds > 0 {
+            let prepare = UnsafeMutablePointer<uv_prepare_t>.allocate(capacity: 1)
+            precondition(uv_prepare_init(raw, prepare) == 0, "uv_prepare_init failed")
+            // Unreferenced: the window must never be what keeps the loop running.
+            uv_unref(prepare.asHandle)
+            beforePoll = prepare
+        } else {
+            beforePoll = nil
+        }
+        loopThread = LoopEngine.startThread(running: raw)
+        // Set before anything can wake the loop. Released in the wake-up's close callback.
+        wakeup.pointee.data = Unmanaged.passRetained(self).toOpaque()
+        beforePoll?.pointee.data = Unmanaged.passUnretained(self).toOpaque()
+        if beforePoll != nil {
+            // Started on the loop thread: the handle is the loop's from here on.
+            _ = tryExecute { [self] in startBatching() }
+        }
+    }
+
+    init(borrowing loop: UnsafeMutablePointer<uv_loop_t>) {
+        raw = loop
+        ownsLoop = false
+        beforePoll = nil
+        batchingWindow = timespec()
+        readBuffer = .allocate(byteCount: 64 * 1024, alignment: 16)
+        wakeup = .allocate(capacity: 1)
+        precondition(uv_async_init(raw, wakeup, LoopEngine.onWakeup) == 0, "uv_async_init failed")
+        uv_unref(wakeup.asHandle)
+        loopThread = pthread_self()
+        wakeup.pointee.data = Unmanaged.passRetained(self).toOpaque()
+    }
+
+    deinit {
+        readBuffer.deallocate()
+    }
+
+    var inEventLoop: Bool {
+        pthread_equal(pthread_self(), loopThread) != 0
+    }
+
+    func tryExecute(_ work: @escaping @Sendable () -> Void) -> Bool {
+        // The send happens under the lock: once shutdown has marked the inbox closed, no thread
+        // can reach the wake-up handle, which is closed right after.
+        let accepted = inbox.withLock { inbox -> Bool in
+            guard !inbox.isClosed else { return false }
+            inbox.work.append(work)
+            uv_async_send(wakeup)
+            return true
+        }
+        // A borrowed loop's wake-up is unreferenced so that it never keeps `uv_run` going by
+        // itself; work waiting to run must, or a loop whose only handle it is would return
+        // before running it. Only the loop thread may touch the handle's flags.
+        if accepted, !ownsLoop, !wakeupKeepsLoopAlive, inEventLoop {
+            wakeupKeepsLoopAlive = true
+            uv_ref(wakeup.asHandle)
+        }
+        return accepted
+    }
+
+    func shutdown() {
+        if ownsLoop {
+            precondition(!inEventLoop, "EventLoop.shutdown() of an owned loop must not be called on its own thread")
+            shutdownDone.withLock { done in
+                guard !done else { return }
+                done = true
+                requestClose()
+                // The thread closes and frees the uv_loop_t once its last handle has closed.
+                pthread_join(loopThread, nil)
+            }
+        } else {
+            precondition(inEventLoop, "EventLoop.shutdown() of a borrowed loop must be called on the loop thread")
+            closeEverything()
+        }
+    }
+
+    /// The public object went away. Nothing of the library holds a handle on the loop any more
+    /// (each such object holds the public loop), so this closes the loop's own handles.
+    func ownerDropped() {
+        if ownsLoop {
+            let alreadyDone = shutdownDone.withLock { done -> Bool in
+                defer { done = true }
+                return done
+            }
+            guard !alreadyDone else { return }
+            if inEventLoop {
+                // Dropped inside a callback of this loop: it cannot wait for its own thread.
+                // The handles close now; the thread frees the loop when uv_run returns.
+                closeEverything()
+                pthread_detach(loopThread)
+            } else {
+                requestClose()
+                pthread_join(loopThread, nil)
+            }
+        } else if !isShutDown {
+            precondition(inEventLoop, "an EventLoop(borrowing:) was dropped off its loop thread without shutdown(); call shutdown() on the loop thread first")
+            closeEverything()
+        }
+    }
+
+    // MARK: - Loop thread
+
+    func register(_ resource: any LoopResource) {
+        let identifier = ObjectIdentifier(resource)
+        guard resources[identifier] == nil else { return }
+        registrations += 1
+        resources[identifier] = WeakResource(resource: resource, order: registrations)
+    }
+
+    func unregister(_ identifier: ObjectIdentifier) {
+        resources[identifier] = nil
+    }
+
+    /// Asks the loop thread to close everything, through the wake-up handle.
+    private func requestClose() {
+        inbox.withLock { inbox in
+            guard !inbox.isClosed else { return }
+            inbox.closeRequested = true
+            uv_async_send(wakeup)
+        }
+    }
+
+    private func closeEverything() {
+        guard !isShutDown else { return }
+        // Closed first, then drained: work queued up to now still runs (it may be the close of
+        // a lock a caller dropped), and whatever that work schedules finds the loop closed and
+        // completes inline instead of being lost.
+        inbox.withLock { inbox in
+            inbox.isClosed = true
+            inbox.closeRequested = false
+        }
+        drainInbox()
+        isShutDown = true
+        // A fixed order, not the hash order of the table: connections (which tell their owners)
+        // before timers, each kind oldest first. Only top-level owners are registered, so a TLS
+        // connection in its handshake reports the shutdown, not its TCP stream's end.
+        let owners = resources.values.sorted { ($0.rank, $0.order) < ($1.rank, $1.order) }
+        resources.removeAll()
+        for entry in owners { entry.resource?.closeForShutdown() }
+        resources.removeAll()
+        wakeupKeepsLoopAlive = false
+        uv_close(wakeup.asHandle, LoopEngine.onWakeupClosed)
+        if let beforePoll { uv_close(beforePoll.asHandle, freeHandleOnClose) }
+    }
+
+    /// Runs the work taken from the inbox, in order. Loop thread only.
+    func drainInbox() {
+        let (work, closeRequested) = inbox.withLock { inbox -> ([@Sendable () -> Void], Bool) in
+            let work = inbox.work
+            inbox.work.removeAll(keepingCapacity: true)
+            return (work, inbox.closeRequested)
+        }
+        for item in work { item() }
+        if closeRequested {
+            closeEverything()
+        } else if wakeupKeepsLoopAlive, !isShutDown, inbox.withLock({ $0.work.isEmpty }) {
+            wakeupKeepsLoopAlive = false
+            uv_unref(wakeup.asHandle)
+        }
+    }
+
+    private static let onWakeup: uv_async_cb = { handle in
+        guard let data = handle?.pointee.data else { return }
+        // The handle holds a reference until its close callback.
+        Unmanaged<LoopEngine>.fromOpaque(data).takeUnretainedValue().drainInbox()
+    }
+
+    private static let onWakeupClosed: uv_close_cb = { handle in
+        guard let handle else { return }
+        if let data = handle.pointee.data { Unmanaged<LoopEngine>.fromOpaque(data).release() }
+        UnsafeMutableRawPointer(handle).deallocate()
+    }
+
+    private func startBatching() {
+        guard let beforePoll, !isShutDown else { return }
+        uv_prepare_start(beforePoll, LoopEngine.onBeforePoll)
+    }
+
+    private static let onBeforePoll: uv_prepare_cb = { handle in
+        guard let data = handle?.pointee.data else { return }
+        let engine = Unmanaged<LoopEngine>.fromOpaque(data).takeUnretainedValue()
+        let busy = engine.readsSincePoll > 1
+        engine.readsSincePoll = 0
+        guard busy else { return }
+        engine.batchingWaits &+= 1
+        var window = engine.batchingWindow
+        // An interrupted sleep only shortens the window; the poll that follows is what matters.
+        _ = nanosleep(&window, nil)
+    }
+
+    private static func startThread(running loop: UnsafeMutablePointer<uv_loop_t>) -> pthread_t {
+        var thread = pthread_t()
+        let context = UnsafeMutableRawPointer(loop)
+        let result = pthread_create(&thread, nil, { context in
+            let loop = context!.assumingMemoryBound(to: uv_loop_t.self)
+            // The wake-up handle stays referenced until shutdown, so this returns only then.
+            while uv_run(loop, UV_RUN_DEFAULT) != 0 {}
+            // Every handle has closed. The thread owns the uv_loop_t to the end, so a loop
+            // shut down from its own thread (dropped there) is freed too.
+            precondition(uv_loop_close(loop) == 0, "a libuv handle outlived EventLoop.shutdown()")
+            loop.deallocate()
+            return nil
+        }, context)
+        precondition(result == 0, "pthread_create failed: \(result)")
+        return thread
+    }
+}
+
+private struct WeakResource {
+    weak var resource: (any LoopResource)?
+    let order: Int
+    /// Connections first: they tell their owners, whose timers may then close by themselves.
+    let rank: Int
+
+    init(resource: any LoopResource, order: Int) {
+        self.resource = resource
+        self.order = order
+        rank = resource.closesBeforeTimers ? 0 : 1
+    }
+}
+
+/// A top-level owner of libuv handles on the loop (a connection, a lock's timer), which must be
+/// closed before the loop stops. What it owns (a transport, its timers) it closes itself.
+protocol LoopResource: AnyObject {
+    /// Closes the resource's handles through `uv_close`, failing whatever waits on it with
+    /// ``LockError/eventLoopShutDown``. Called on the loop thread by ``EventLoop/shutdown()``;
+    /// idempotent.
+    func closeForShutdown()
+    /// Whether shutdown closes it in the first round (connections), before timers.
+    var closesBeforeTimers: Bool { get }
+}
+
+extension LoopResource {
+    var closesBeforeTimers: Bool { true }
+}
