@@ -96,7 +96,8 @@ public class DistributedLease: @unchecked Sendable {
     /// Where the instance is in its life cycle.
     public var state: LockState { published.withLock { $0.state } }
 
-    /// The fencing value of the current token (2.x servers); see ``fenceFromToken(_:)``.
+    /// The fencing value of the current token (dflockd 2.1 and later; older servers issue random
+    /// tokens, whose "fence" orders nothing); see ``fenceFromToken(_:)``.
     public var fence: UInt64? { token.flatMap(fenceFromToken) }
 
     /// How long the current lease is still certain to be ours, by the client's own clock: from
