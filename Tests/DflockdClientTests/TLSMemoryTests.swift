@@ -137,6 +137,8 @@ struct TLSMemoryTests {
             #expect(wrongFile?.name == "tls.privateKeyPassword")
             #expect(wrongFile?.reason.contains(encrypted) == true, "names the file: \(String(describing: wrongFile))")
             #expect(wrongFile?.reason.contains(wrong) == false)
+            let empty = failure(TLSOptions(caPEM: ca, certificatePEM: certificate, privateKeyPEM: pem, privateKeyPassword: ""))
+            #expect(empty?.name == "tls.privateKeyPassword", "an empty password is a wrong one: \(String(describing: empty))")
             let missing = failure(TLSOptions(caPEM: ca, certificatePEM: certificate, privateKeyPEM: pem))
             #expect(missing?.name == "tls.privateKeyPassword", "\(String(describing: missing))")
             #expect(missing?.reason.contains("encrypted") == true)

@@ -290,24 +290,23 @@ struct LeaseMachine: Sendable {
 
     private mutating func connected() -> [Action] {
         switch state {
+        case .connecting(let pending):
+            state = .requesting(pending)
+            switch pending.operation {
+            case .acquire: return [.send(session, .acquire(timeoutS: acquireTimeoutS))]
+            case .enqueue: return [.send(session, .enqueue)]
+            case .wait, .release: return impossible("connecting for \(pending.operation)")
+            }
         case .held(var holding) where holding.renewalAwaitsConnection:
+            // A redirected renewal, sent again on the leader's session.
             holding.renewalAwaitsConnection = false
             state = .held(holding)
             return [.send(session, .renew(token: holding.grant.token))]
         case .releasing(_, let token, _):
             // Only a redirected release opens a session while releasing.
             return [.send(session, .release(token: token))]
-        case .connecting:
-            break
         default:
             return impossible("connected while \(state)")
-        }
-        guard case .connecting(let pending) = state else { return [] }
-        state = .requesting(pending)
-        switch pending.operation {
-        case .acquire: return [.send(session, .acquire(timeoutS: acquireTimeoutS))]
-        case .enqueue: return [.send(session, .enqueue)]
-        case .wait, .release: return impossible("connecting for \(pending.operation)")
         }
     }
 

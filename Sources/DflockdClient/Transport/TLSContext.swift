@@ -165,7 +165,9 @@ final class TLSContext: @unchecked Sendable {
                     let passphrase = Unmanaged<Passphrase>.fromOpaque(userData!).takeUnretainedValue()
                     passphrase.wasAsked = true
                     guard let buffer, let bytes = passphrase.bytes, bytes.count <= Int(size) else { return -1 }
-                    bytes.withUnsafeBytes { UnsafeMutableRawPointer(buffer).copyMemory(from: $0.baseAddress!, byteCount: bytes.count) }
+                    bytes.withUnsafeBytes { password in
+                        if let start = password.baseAddress { UnsafeMutableRawPointer(buffer).copyMemory(from: start, byteCount: password.count) }
+                    }
                     return Int32(bytes.count)
                 }, Unmanaged.passUnretained(passphrase).toOpaque())
             }
