@@ -206,6 +206,21 @@ struct ClusterRedirectHeldTests {
         var first: ContinuousClock.Instant? { lost.withLock { $0.first?.2 } }
     }
 
+    /// A lock on `key` with a 2 s lease (renewed after 1 s) whose first try goes to the first
+    /// of `ports`, recording its losses in `losses`.
+    static func lock(_ key: String, leaseS: Int = 2, ports: [Int], losses: LossLog = LossLog()) throws -> DistributedLock {
+        try DistributedLock(key: key, acquireTimeoutS: 5, leaseTtlS: leaseS, servers: ports.map { ("127.0.0.1", $0) },
+                            shardingStrategy: { _, _ in 0 }, onLockLost: { losses.record($0, $1) })
+    }
+
+    /// Acquires `lock`, then waits for its one loss: how long after the acquire began it came.
+    static func lossAfterAcquiring(_ lock: DistributedLock, _ losses: LossLog) async throws -> Duration {
+        let start = ContinuousClock.now
+        #expect(try await lock.acquire())
+        #expect(await eventually { losses.count == 1 })
+        return try #require(losses.first) - start
+    }
+
     /// Polls `condition` every 20 ms until it holds or `timeout` passes.
     static func eventually(within timeout: Duration = .seconds(10), _ condition: () -> Bool) async -> Bool {
         let deadline = ContinuousClock.now + timeout
@@ -226,9 +241,7 @@ struct ClusterRedirectHeldTests {
             """)
         let first = try ScriptedPeer(script: Self.firstLeader("renewed", hint: "127.0.0.1:\(second.port)", then: Self.renewal("renewed")))
         let losses = LossLog()
-        let lock = try DistributedLock(key: "renewed", acquireTimeoutS: 5, leaseTtlS: 2,
-                                       servers: [("127.0.0.1", first.port), ("127.0.0.1", second.port)], shardingStrategy: { _, _ in 0 },
-                                       onLockLost: { losses.record($0, $1) })
+        let lock = try Self.lock("renewed", ports: [first.port, second.port], losses: losses)
         defer { lock.close() }
         #expect(try await lock.acquire())
         #expect(await Self.eventually { (lock.leaseRemaining ?? .zero) > .seconds(5) }, "the renewal on the new leader was not answered")
@@ -246,14 +259,10 @@ struct ClusterRedirectHeldTests {
         defer { SupportSocket.closeFD(listener) }
         let first = try ScriptedPeer(script: Self.firstLeader("stale-renewal", hint: "127.0.0.1:\(port)", then: Self.renewal("stale-renewal")))
         let losses = LossLog()
-        let lock = try DistributedLock(key: "stale-renewal", acquireTimeoutS: 5, leaseTtlS: 2, servers: [("127.0.0.1", first.port)],
-                                       onLockLost: { losses.record($0, $1) })
+        let lock = try Self.lock("stale-renewal", ports: [first.port], losses: losses)
         defer { lock.close() }
-        let start = ContinuousClock.now
-        #expect(try await lock.acquire())
-        #expect(await Self.eventually { losses.count == 1 })
         // lost when the renewal was refused (after 1 s), not at the deadline
-        let lostAfter = try #require(losses.first) - start
+        let lostAfter = try await Self.lossAfterAcquiring(lock, losses)
         #expect(lostAfter < .milliseconds(1700), "lost after \(lostAfter)")
         await expectError(.lockLost(key: "stale-renewal", token: Self.token)) { try await lock.release() }
         try await first.finish()
@@ -266,14 +275,9 @@ struct ClusterRedirectHeldTests {
         let silent = try ScriptedPeer(script: "B > b'\(Self.renewal("slow"))'")
         let first = try ScriptedPeer(script: Self.firstLeader("slow", hint: "127.0.0.1:\(silent.port)", then: Self.renewal("slow")))
         let losses = LossLog()
-        let lock = try DistributedLock(key: "slow", acquireTimeoutS: 5, leaseTtlS: 2,
-                                       servers: [("127.0.0.1", first.port), ("127.0.0.1", silent.port)], shardingStrategy: { _, _ in 0 },
-                                       onLockLost: { losses.record($0, $1) })
+        let lock = try Self.lock("slow", ports: [first.port, silent.port], losses: losses)
         defer { lock.close() }
-        let start = ContinuousClock.now
-        #expect(try await lock.acquire())
-        #expect(await Self.eventually { losses.count == 1 })
-        let lostAfter = try #require(losses.first) - start
+        let lostAfter = try await Self.lossAfterAcquiring(lock, losses)
         // the renewal went out after 1 s; the server may re-grant 2 s after the grant
         #expect(lostAfter > .milliseconds(1000) && lostAfter < .milliseconds(2000), "lost after \(lostAfter)")
         #expect(lock.state == .closed)
@@ -288,8 +292,7 @@ struct ClusterRedirectHeldTests {
             B < ok
             """)
         let first = try ScriptedPeer(script: Self.firstLeader("let-go", leaseS: 30, hint: "127.0.0.1:\(second.port)", then: Self.release("let-go")))
-        let lock = try DistributedLock(key: "let-go", acquireTimeoutS: 5, leaseTtlS: 30,
-                                       servers: [("127.0.0.1", first.port), ("127.0.0.1", second.port)], shardingStrategy: { _, _ in 0 })
+        let lock = try Self.lock("let-go", leaseS: 30, ports: [first.port, second.port])
         defer { lock.close() }
         #expect(try await lock.acquire())
         try await lock.release()
@@ -301,7 +304,7 @@ struct ClusterRedirectHeldTests {
     @Test("a release redirected to a server that is not configured fails with notLeader")
     func releaseToUnconfigured() async throws {
         let first = try ScriptedPeer(script: Self.firstLeader("let-go-2", leaseS: 30, hint: "10.255.255.1:6388", then: Self.release("let-go-2")))
-        let lock = try DistributedLock(key: "let-go-2", acquireTimeoutS: 5, leaseTtlS: 30, servers: [("127.0.0.1", first.port)])
+        let lock = try Self.lock("let-go-2", leaseS: 30, ports: [first.port])
         defer { lock.close() }
         #expect(try await lock.acquire())
         await expectError(.notLeader(leader: "10.255.255.1:6388")) { try await lock.release() }
