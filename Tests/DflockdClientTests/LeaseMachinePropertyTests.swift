@@ -508,6 +508,10 @@ private struct Simulation {
             nextConnection += 1
             server.connections[nextConnection] = ServerModel.ConnectionState(key: clients[index].machine.key)
             clients[index].connection = (nextConnection, session, false)
+        case .redirectSession:
+            // The modelled server is a single server, never a cluster follower (redirects are
+            // LeaseMachineRedirectTests' and ClusterRedirectTests').
+            fail("client \(index) followed a redirect the model never sends")
         case .closeConnection(let session):
             guard let connection = clients[index].connection else { return }
             if connection.session != session { fail("client \(index) closed session \(session) while \(connection.session) is open") }

@@ -185,15 +185,7 @@ struct TLSTests {
     // MARK: - Options checked at construction
 
     @Test func unusableFilesAreRejectedAtConstructionNamingThem() throws {
-        func failure(_ options: TLSOptions) -> (name: String, reason: String)? {
-            do {
-                _ = try DistributedLock(key: "k", tls: options)
-                return nil
-            } catch {
-                if case .invalidArgument(let name, let reason) = error { return (name, reason) }
-                return ("not invalidArgument", "\(error)")
-            }
-        }
+        let failure = TLSFixture.initializerFailure
         let missing = "/nonexistent/dflockd/ca.pem"
         let ca = failure(TLSOptions(caFile: missing))
         #expect(ca?.name == "tls.caFile")

@@ -70,7 +70,7 @@ public class DistributedLease: @unchecked Sendable {
         self.settings = settings
         self.loop = loop
         self.machine = LeaseMachine(key: settings.key, acquireTimeoutS: settings.acquireTimeoutS,
-                                    renewRatio: settings.renewRatio, maxIdleMs: settings.maxIdleMs)
+                                    renewRatio: settings.renewRatio, maxIdleMs: settings.maxIdleMs, members: settings.members)
         self.published = ThreadLock(Published(lease: settings.leaseTtlS ?? 0))
     }
 
@@ -96,7 +96,8 @@ public class DistributedLease: @unchecked Sendable {
     /// Where the instance is in its life cycle.
     public var state: LockState { published.withLock { $0.state } }
 
-    /// The fencing value of the current token (2.x servers); see ``fenceFromToken(_:)``.
+    /// The fencing value of the current token (dflockd 2.1 and later; older servers issue random
+    /// tokens, whose "fence" orders nothing); see ``fenceFromToken(_:)``.
     public var fence: UInt64? { token.flatMap(fenceFromToken) }
 
     /// How long the current lease is still certain to be ours, by the client's own clock: from
@@ -269,7 +270,7 @@ public class DistributedLease: @unchecked Sendable {
     private func perform(_ action: LeaseMachine.Action) {
         switch action {
         case .openConnection(let session):
-            openConnection(session)
+            openConnection(session, to: settings.endpoint)
         case .closeConnection:
             // The machine only closes its live session, which is this connection.
             // The timer belongs to the session too: an idle lock keeps no libuv handle.
@@ -279,6 +280,15 @@ public class DistributedLease: @unchecked Sendable {
             closing?.close()
             leaseTimer?.close()
             leaseTimer = nil
+        case .redirectSession(_, let session, let server):
+            // Only the connection changes: the lease timer, if scheduled, goes on for the new
+            // session.
+            let follower = connection
+            connection = nil
+            connectionObserver = nil
+            follower?.close()
+            timerSession = session
+            openConnection(session, to: server)
         case .send(let session, let outgoing):
             send(outgoing, session: session)
         case .scheduleTimer(let session, let milliseconds):
@@ -335,8 +345,8 @@ public class DistributedLease: @unchecked Sendable {
         }
     }
 
-    private func openConnection(_ session: LeaseMachine.Session) {
-        let connection = Connection(endpoint: settings.endpoint, configuration: settings.connection, loop: loop)
+    private func openConnection(_ session: LeaseMachine.Session, to server: Endpoint) {
+        let connection = Connection(endpoint: server, configuration: settings.connection, loop: loop)
         let observer = SessionObserver(lease: self, session: session)
         connection.delegate = observer
         self.connection = connection

@@ -11,6 +11,9 @@ struct LeaseSettings: Sendable {
     let acquireTimeoutS: Int
     let leaseTtlS: Int?
     let endpoint: Endpoint
+    /// Every configured server, the key's shard among them: a cluster's members, to which a
+    /// follower's redirect may lead.
+    let members: [Endpoint]
     let renewRatio: Double
     let maxIdleMs: Int?
     let connection: Connection.Configuration
@@ -45,6 +48,7 @@ struct LeaseSettings: Sendable {
         self.acquireTimeoutS = options.acquireTimeoutS
         self.leaseTtlS = options.leaseTtlS
         self.endpoint = Endpoint(host: servers[index].0, port: servers[index].1)
+        self.members = servers.map { Endpoint(host: $0.0, port: $0.1) }
         self.renewRatio = options.renewRatio
         self.maxIdleMs = options.maxIdleMs
         self.connection = connection

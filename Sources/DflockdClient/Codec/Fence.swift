@@ -1,9 +1,10 @@
-/// The fencing value carried by a token from a dflockd 2.x server: its first 16 hex characters
-/// read as a big-endian `UInt64`, which strictly increases with every grant of a key.
+/// The fencing value carried by a token from a dflockd 2.1 or later server: its first 16 hex
+/// characters read as a big-endian `UInt64`, which strictly increases with every grant.
 ///
 /// A downstream store that keeps the highest fence it has seen for a key, and rejects writes
 /// carrying a lower one, is safe even against a holder that lost its lease without noticing.
-/// Tokens from older servers are random: their "fence" parses but orders nothing.
+/// Tokens from older servers (0.5.0 to 2.0) are random: their "fence" parses but orders nothing.
+/// The protocol does not say which version answers; `dflockd --version` on the server does.
 ///
 /// - Returns: The fence, or `nil` when the token does not start with 16 hex characters.
 public func fenceFromToken(_ token: String) -> UInt64? {

@@ -13,7 +13,8 @@ public struct Grant: Sendable, Hashable {
         self.leaseS = leaseS
     }
 
-    /// The fencing value in the token, on servers that issue one (2.x); see ``fenceFromToken(_:)``.
+    /// The fencing value in the token, on servers that issue one (2.1 and later); see
+    /// ``fenceFromToken(_:)``.
     public var fence: UInt64? { fenceFromToken(token) }
 }
 
@@ -97,6 +98,11 @@ enum ReplyDecoder {
         case "error_already_enqueued": return .alreadyEnqueued(key: key)
         case "error_lease_expired": return .leaseExpired(key: key)
         case "error_draining": return .serverDraining
+        case "error_not_leader":
+            // The rest of the line is the leader's address as the server sent it; it is only
+            // judged (parsed, matched against the configured servers) by whoever follows it.
+            let hint = line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().joined(separator: " ")
+            return .notLeader(leader: hint.isEmpty ? nil : hint)
         case "error":
             // 0.5.0 answers plain `error` where newer servers have a distinct status.
             switch request.command {

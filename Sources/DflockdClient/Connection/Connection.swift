@@ -63,7 +63,7 @@ public final class Connection: @unchecked Sendable {
         /// The shared OpenSSL context for `tls`, looked up when the options were validated, so
         /// that connecting never waits on the context cache's lock on the loop thread.
         var tlsContext: TLSContext? = nil
-        /// Send `ping` after this long without a request (dflockd 2.x).
+        /// Send `ping` after this long without a request (dflockd 1.14 and later).
         var keepAliveMs: Int? = nil
         /// Deadline of every request that does not block on the server (and of `auth`, and of
         /// the TLS handshake when `connectTimeoutMs` is nil).

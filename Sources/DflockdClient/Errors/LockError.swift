@@ -31,7 +31,10 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
     case maxLocks(key: String)
     /// The key's waiter queue is full (`error_max_waiters`).
     case maxWaiters(key: String)
-    /// The key exists with another kind or semaphore limit (`error_limit_mismatch`).
+    /// `error_limit_mismatch`. Up to dflockd 1.13, lock and semaphore keys share a namespace:
+    /// the key is in use as the other kind, or as a semaphore with another limit. From 1.14
+    /// they are separate, and it means only a semaphore asked for with another limit than the
+    /// one it has.
     case limitMismatch(key: String)
     /// The lease ran out before the grant reached this client (`error_lease_expired`).
     case leaseExpired(key: String)
@@ -39,8 +42,17 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
     /// stopped answering). The connection was closed; the server frees the key when it sees
     /// that, and at the latest when the lease (`leaseS` seconds from the last renewal) ends.
     case releaseUnconfirmed(key: String, leaseS: Int)
-    /// The server is shutting down and takes no new grants (`error_draining`).
+    /// The server is shutting down and takes no new grants (`error_draining`, dflockd 1.16 and
+    /// later).
     case serverDraining
+    /// The server is a follower in a dflockd cluster and does not take mutating commands
+    /// (`error_not_leader [host:port]`). `leader` is the leader's client address exactly as the
+    /// server sent it, or `nil` when it named none (an election is under way).
+    ///
+    /// Locks and semaphores follow the redirect themselves when the address is one of their
+    /// configured `servers`; they report this error when it is not, when it names no one, or
+    /// after three redirects in one call. A ``Connection`` always reports it.
+    case notLeader(leader: String?)
     /// The server answered `error` to a request this client sent as well-formed.
     case serverError(command: String, key: String)
     /// The host name did not resolve.
@@ -96,13 +108,18 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
         case .maxWaiters(let key):
             return "the server refused to queue on '\(key)': its waiter queue is full. Retry later or raise the server's --max-waiters."
         case .limitMismatch(let key):
-            return "'\(key)' exists on the server as a lock or a semaphore with another limit; use the same kind and limit as its other users."
+            return "'\(key)' exists on the server as a semaphore with another limit (or, before dflockd 1.14, as the other kind of key); use the same kind and limit as its other users."
         case .leaseExpired(let key):
             return "the lease on '\(key)' expired before the grant reached this client; acquire again."
         case .releaseUnconfirmed(let key, let leaseS):
             return "the server did not confirm the release of '\(key)' in time; the connection was closed, so the key is freed when the server notices, at the latest when its lease ends (\(leaseS) s after the last renewal)."
         case .serverDraining:
             return "the server is draining (shutting down) and grants nothing new; retry on another server or later."
+        case .notLeader(let leader):
+            if let leader {
+                return "the server is not its cluster's leader; it names \(leader.debugDescription) as the leader. List every cluster member in `servers` so that redirects to them are followed, or connect to the leader."
+            }
+            return "the server is not its cluster's leader and knows of none (an election is under way); retry shortly."
         case .serverError(let command, let key):
             return "the server answered `error` to '\(command)' on '\(key)'; it treats the request as malformed or not allowed."
         case .resolveFailed(let host, let reason):

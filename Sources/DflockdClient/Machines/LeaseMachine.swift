@@ -71,6 +71,10 @@ struct LeaseMachine: Sendable {
 
     enum Action: Sendable, Hashable {
         case openConnection(Session)
+        /// Replaces the connection of session `from` with a new one, session `to`, to `server`
+        /// (a cluster's leader). The lease goes on across it: a scheduled lease timer keeps
+        /// running and fires for `to`.
+        case redirectSession(from: Session, to: Session, server: Endpoint)
         case closeConnection(Session)
         case send(Session, Outgoing)
         /// (Re)starts the one lease timer: it fires ``Event/timerFired(_:nowMs:)``.
@@ -99,6 +103,8 @@ struct LeaseMachine: Sendable {
         /// lost when the timer reaches it without a renewal having moved it.
         var deadlineMs: UInt64
         var renewalInFlight = false
+        /// The renewal in flight was redirected: it is sent again once the new session opens.
+        var renewalAwaitsConnection = false
     }
 
     enum State: Sendable, Hashable {
@@ -128,15 +134,20 @@ struct LeaseMachine: Sendable {
     /// The longest gap between two requests on a held connection: servers close a connection
     /// that sends nothing for their read timeout (23 s by default), releasing its locks.
     let maxIdleMs: Int?
+    /// Every configured server: a cluster follower's redirect is followed only to one of them.
+    let members: [Endpoint]
     private(set) var state = State.idle
+    /// Redirects followed for the call (or renewal) in flight; see ``LeaderHint/redirectBudget``.
+    private var redirects = 0
     /// The latest session opened; it is live while ``isConnected``.
     private(set) var session: Session = 0
 
-    init(key: String, acquireTimeoutS: Int, renewRatio: Double, maxIdleMs: Int? = nil) {
+    init(key: String, acquireTimeoutS: Int, renewRatio: Double, maxIdleMs: Int? = nil, members: [Endpoint] = []) {
         self.key = key
         self.acquireTimeoutS = acquireTimeoutS
         self.renewRatio = renewRatio
         self.maxIdleMs = maxIdleMs
+        self.members = members
     }
 
     /// The caller-facing state.
@@ -227,6 +238,7 @@ struct LeaseMachine: Sendable {
             actions = shutDown(failingWith: .closed)
         }
         session += 1
+        redirects = 0
         state = .connecting(pending)
         return actions + [.openConnection(session)]
     }
@@ -254,7 +266,12 @@ struct LeaseMachine: Sendable {
     private mutating func release(_ call: CallID) -> [Action] {
         switch state {
         case .held(let holding):
+            redirects = 0
             state = .releasing(call, token: holding.grant.token, leaseS: holding.leaseS)
+            guard !holding.renewalAwaitsConnection else {
+                // The renewal's redirect is still connecting: the release goes there instead.
+                return [.cancelTimer]
+            }
             return [.cancelTimer, .send(session, .release(token: holding.grant.token))]
         case .connecting, .requesting, .verifying, .queued:
             // Nothing is held yet: leaving the queue is closing the session.
@@ -272,14 +289,24 @@ struct LeaseMachine: Sendable {
     // MARK: - Connection events of the live session
 
     private mutating func connected() -> [Action] {
-        guard case .connecting(let pending) = state else {
+        switch state {
+        case .connecting(let pending):
+            state = .requesting(pending)
+            switch pending.operation {
+            case .acquire: return [.send(session, .acquire(timeoutS: acquireTimeoutS))]
+            case .enqueue: return [.send(session, .enqueue)]
+            case .wait, .release: return impossible("connecting for \(pending.operation)")
+            }
+        case .held(var holding) where holding.renewalAwaitsConnection:
+            // A redirected renewal, sent again on the leader's session.
+            holding.renewalAwaitsConnection = false
+            state = .held(holding)
+            return [.send(session, .renew(token: holding.grant.token))]
+        case .releasing(_, let token, _):
+            // Only a redirected release opens a session while releasing.
+            return [.send(session, .release(token: token))]
+        default:
             return impossible("connected while \(state)")
-        }
-        state = .requesting(pending)
-        switch pending.operation {
-        case .acquire: return [.send(session, .acquire(timeoutS: acquireTimeoutS))]
-        case .enqueue: return [.send(session, .enqueue)]
-        case .wait, .release: return impossible("connecting for \(pending.operation)")
         }
     }
 
@@ -320,6 +347,14 @@ struct LeaseMachine: Sendable {
     }
 
     private mutating func failed(_ request: Outgoing?, _ error: LockError) -> [Action] {
+        if case .notLeader(let hint) = error, let request {
+            if let redirected = redirect(request, hint: hint) { return redirected }
+            if case .verifying(let pending, _) = state {
+                // Not a lease that ran out: the cluster's leader moved under the wait's grant.
+                state = .closed(lostToken: nil)
+                return [.closeConnection(session), .complete(pending.call, .wait, .failed(error))]
+            }
+        }
         let refused = request != nil && error.isServerAnswer
         switch state {
         case .held(let holding):
@@ -344,6 +379,35 @@ struct LeaseMachine: Sendable {
         case .idle, .closed:
             return impossible("a failure of a live session while \(state)")
         }
+    }
+
+    /// Follows a cluster follower's `error_not_leader <hint>` to `request`, when the rule allows
+    /// it (``LeaderHint``: a configured server, at most ``LeaderHint/redirectBudget`` times per
+    /// call): the follower's session ends and a new one to the leader carries the request
+    /// again. A request that holds nothing yet (acquire, enqueue) starts over there; a held
+    /// lock's renewal and release go there with the same token, which a cluster keeps valid
+    /// across a failover. The lease timer keeps running towards the local deadline meanwhile.
+    /// `nil`: not followed, and the error takes its ordinary course.
+    private mutating func redirect(_ request: Outgoing, hint: String?) -> [Action]? {
+        guard redirects < LeaderHint.redirectBudget,
+              let leader = LeaderHint.configuredServer(named: hint, among: members) else { return nil }
+        switch (state, request) {
+        case (.requesting(let pending), .acquire), (.requesting(let pending), .enqueue):
+            state = .connecting(pending)
+        case (.held(var holding), .renew) where holding.renewalInFlight:
+            holding.renewalAwaitsConnection = true
+            state = .held(holding)
+        case (.releasing, .release):
+            break
+        default:
+            // A wait's place in the queue belongs to the connection that enqueued: no
+            // other server has it.
+            return nil
+        }
+        redirects += 1
+        let follower = session
+        session += 1
+        return [.redirectSession(from: follower, to: session, server: leader)]
     }
 
     /// What a release whose session failed under it achieved. A closed connection releases
@@ -377,6 +441,7 @@ struct LeaseMachine: Sendable {
             return [.scheduleTimer(session, afterMs: untilDeadline)]
         }
         holding.renewalInFlight = true
+        redirects = 0
         state = .held(holding)
         return [.send(session, .renew(token: holding.grant.token)), .scheduleTimer(session, afterMs: untilDeadline)]
     }
@@ -454,7 +519,7 @@ extension LockError {
     var isServerAnswer: Bool {
         switch self {
         case .notHeld, .notEnqueued, .alreadyEnqueued, .maxLocks, .maxWaiters, .limitMismatch,
-             .leaseExpired, .serverDraining, .serverError, .authFailed:
+             .leaseExpired, .serverDraining, .serverError, .authFailed, .notLeader:
             return true
         default:
             return false

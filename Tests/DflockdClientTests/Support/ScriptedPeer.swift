@@ -165,6 +165,19 @@ final class ScriptedPeer: Sendable {
         try self.init(steps: steps, origin: "\(transcript) § \"\(section)\"", quietWindow: quietWindow)
     }
 
+    /// Replays one section of a transcript written from a server's documented replies
+    /// (`Tests/DflockdClientTests/DocumentedReplies/`), after replacing each key of
+    /// `substitutions` (e.g. `{leader}`) in its text.
+    convenience init(documented name: String, section: String, substitutions: [String: String] = [:],
+                     quietWindow: Duration = .milliseconds(200)) throws {
+        var text = try TestSupport.documentedReplies(name)
+        for (placeholder, value) in substitutions {
+            text = text.replacingOccurrences(of: placeholder, with: value)
+        }
+        let steps = try ScriptStep.steps(inTranscript: text, section: section, name: name)
+        try self.init(steps: steps, origin: "\(name) § \"\(section)\"", quietWindow: quietWindow)
+    }
+
     /// Replays an inline script (same syntax; every non-comment line is a step).
     convenience init(script: String, quietWindow: Duration = .milliseconds(200)) throws {
         try self.init(steps: try ScriptStep.steps(inScript: script), origin: "inline script", quietWindow: quietWindow)

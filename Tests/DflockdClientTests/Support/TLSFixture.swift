@@ -18,6 +18,7 @@
 //   other-server.pem / .key      signed by the other CA, same names as server.pem
 //   client.pem / client.key      signed by ca.pem, extendedKeyUsage clientAuth
 //   client-combined.pem          client.pem and client.key in one file
+//   client-key-*-encrypted.pem   client.key encrypted (PKCS#8 and traditional PEM), TestPKI.clientKeyPassword
 //
 // stunnel runs in the foreground from a config file in a temp dir, its log beside it. It is
 // started through a tiny launcher (the venv's python, as for RealServer) that forks a watchdog
@@ -52,6 +53,15 @@ struct TestPKI: Sendable {
     var clientCertificate: String { directory + "/client.pem" }
     var clientKey: String { directory + "/client.key" }
     var clientCombined: String { directory + "/client-combined.pem" }
+    /// client.key encrypted with ``clientKeyPassword``: PKCS#8 (`ENCRYPTED PRIVATE KEY`).
+    var clientKeyEncryptedPKCS8: String { directory + "/client-key-pkcs8-encrypted.pem" }
+    /// client.key encrypted with ``clientKeyPassword``: the traditional `Proc-Type: 4,ENCRYPTED` form.
+    var clientKeyEncryptedTraditional: String { directory + "/client-key-traditional-encrypted.pem" }
+    /// The password of the encrypted client keys.
+    var clientKeyPassword: String { "correct horse battery staple" }
+
+    /// A file's text (the tests hand PEM to the client from memory).
+    func text(_ path: String) throws -> String { try String(contentsOfFile: path, encoding: .utf8) }
 }
 
 enum TLSFixture {
@@ -71,6 +81,18 @@ enum TLSFixture {
     private static func removePKI() {
         if let directory = made.withLock({ $0?.directory }) {
             _ = try? FileManager.default.removeItem(atPath: directory)
+        }
+    }
+
+    /// How a lock's initializer refuses `options` (building their TLS context): the option
+    /// named and the reason, or nil when it accepts them.
+    static func initializerFailure(_ options: TLSOptions) -> (name: String, reason: String)? {
+        do {
+            _ = try DistributedLock(key: "k", tls: options)
+            return nil
+        } catch {
+            if case .invalidArgument(let name, let reason) = error { return (name, reason) }
+            return ("not invalidArgument", "\(error)")
         }
     }
 
@@ -151,6 +173,9 @@ enum TLSFixture {
         let combined = try String(contentsOfFile: pki.clientCertificate, encoding: .utf8)
             + String(contentsOfFile: pki.clientKey, encoding: .utf8)
         try combined.write(toFile: pki.clientCombined, atomically: true, encoding: .utf8)
+        let passout = "pass:" + pki.clientKeyPassword
+        try run(["pkcs8", "-topk8", "-v2", "aes-256-cbc", "-in", pki.clientKey, "-passout", passout, "-out", pki.clientKeyEncryptedPKCS8])
+        try run(["ec", "-in", pki.clientKey, "-aes256", "-passout", passout, "-out", pki.clientKeyEncryptedTraditional])
         return pki
     }
 

@@ -36,15 +36,25 @@ enum TestSupport {
         .appendingPathComponent("shared/transcripts", isDirectory: true)
 
     /// Text of a vendored transcript, e.g. `transcript("go-1.10-auth.txt")`.
-    static func transcript(_ name: String) throws -> String {
-        let url = transcriptsDirectory.appendingPathComponent(name)
+    static func transcript(_ name: String, in directory: URL = transcriptsDirectory) throws -> String {
+        let url = directory.appendingPathComponent(name)
         do {
             return try String(contentsOf: url, encoding: .utf8)
         } catch {
-            let known = (try? FileManager.default.contentsOfDirectory(atPath: transcriptsDirectory.path))?
+            let known = (try? FileManager.default.contentsOfDirectory(atPath: directory.path))?
                 .sorted().joined(separator: ", ") ?? "none"
             throw TestSupportError("cannot read transcript \(url.path): \(error). Known transcripts: \(known)")
         }
+    }
+
+    /// `<repo>/Tests/DflockdClientTests/DocumentedReplies`: exchanges written by hand from the
+    /// servers' documented replies, for servers no machine here can run (each file says so).
+    static let documentedRepliesDirectory: URL = repoRoot
+        .appendingPathComponent("Tests/DflockdClientTests/DocumentedReplies", isDirectory: true)
+
+    /// Text of a transcript in ``documentedRepliesDirectory``, e.g. `documentedReplies("doc-cluster.txt")`.
+    static func documentedReplies(_ name: String) throws -> String {
+        try transcript(name, in: documentedRepliesDirectory)
     }
 
     /// File names of the vendored transcripts, sorted.
