@@ -80,7 +80,7 @@ enum LoopProbe {
     /// How often `loop` has waited out its batching window, read on the loop thread.
     static func batchingWaits(_ loop: EventLoop) async -> Int {
         await withCheckedContinuation { (c: CheckedContinuation<Int, Never>) in
-            loop.execute { c.resume(returning: loop.batchingWaits) }
+            loop.execute { c.resume(returning: ReadBatching.of(loop)?.waits ?? 0) }
         }
     }
 

@@ -139,15 +139,9 @@ public final class EventLoop: @unchecked Sendable {
     /// Whether shutdown has begun; from then on no work runs on the loop. Loop thread only.
     var isShutDown: Bool { engine.isShutDown }
 
-    /// Read callbacks since the loop last polled, counted by the transports for the batching
-    /// window. Loop thread only.
-    var readsSincePoll: Int {
-        get { engine.readsSincePoll }
-        set { engine.readsSincePoll = newValue }
-    }
-
-    /// Times the loop waited out its batching window before polling. Loop thread only.
-    var batchingWaits: Int { engine.batchingWaits }
+    /// The batching window this loop was made with (``init(batchingWindow:)``), which the
+    /// transport layer applies; nil for none.
+    var batchingWindow: Duration? { engine.batchingWindow }
 
     /// Tracks a top-level owner of handles so that ``shutdown()`` can close it. Loop thread
     /// only. Register owners only: what they own, they close.

@@ -19,18 +19,12 @@ final class LoopEngine: @unchecked Sendable {
     /// buffer is handed out again. Thousands of idle connections then cost no buffer each.
     let readBuffer: UnsafeMutableRawBufferPointer
 
-    /// Read callbacks since the loop last polled: one per connection that had bytes waiting
-    /// (more only for a connection with over 64 KiB waiting). Loop thread only.
-    var readsSincePoll = 0
-    /// Times the loop waited out its batching window before polling. Loop thread only.
-    private(set) var batchingWaits = 0
+    /// The batching window the loop was made with (applied by the transport layer); nil for none.
+    let batchingWindow: Duration?
 
     private let ownsLoop: Bool
     private let loopThread: pthread_t
     private let wakeup: UnsafeMutablePointer<uv_async_t>
-    /// Runs just before each poll to apply the batching window; nil when the window is zero.
-    private let beforePoll: UnsafeMutablePointer<uv_prepare_t>?
-    private let batchingWindow: timespec
     private let inbox = ThreadLock(Inbox())
 
     /// The top-level owners of handles (connections, timers of locks) that shutdown closes.
@@ -65,32 +59,16 @@ final class LoopEngine: @unchecked Sendable {
         wakeup = .allocate(capacity: 1)
         precondition(uv_async_init(raw, wakeup, LoopEngine.onWakeup) == 0, "uv_async_init failed")
         let window = min(max(batchingWindow, .zero), .milliseconds(10))
-        let nanoseconds = window.components.seconds * 1_000_000_000 + window.components.attoseconds / 1_000_000_000
-        self.batchingWindow = timespec(tv_sec: Int(nanoseconds / 1_000_000_000), tv_nsec: Int(nanoseconds % 1_000_000_000))
-        if nanoseconds > 0 {
-            let prepare = UnsafeMutablePointer<uv_prepare_t>.allocate(capacity: 1)
-            precondition(uv_prepare_init(raw, prepare) == 0, "uv_prepare_init failed")
-            // Unreferenced: the window must never be what keeps the loop running.
-            uv_unref(prepare.asHandle)
-            beforePoll = prepare
-        } else {
-            beforePoll = nil
-        }
+        self.batchingWindow = window > .zero ? window : nil
         loopThread = LoopEngine.startThread(running: raw)
         // Set before anything can wake the loop. Released in the wake-up's close callback.
         wakeup.pointee.data = Unmanaged.passRetained(self).toOpaque()
-        beforePoll?.pointee.data = Unmanaged.passUnretained(self).toOpaque()
-        if beforePoll != nil {
-            // Started on the loop thread: the handle is the loop's from here on.
-            _ = tryExecute { [self] in startBatching() }
-        }
     }
 
     init(borrowing loop: UnsafeMutablePointer<uv_loop_t>) {
         raw = loop
         ownsLoop = false
-        beforePoll = nil
-        batchingWindow = timespec()
+        batchingWindow = nil
         readBuffer = .allocate(byteCount: 64 * 1024, alignment: 16)
         wakeup = .allocate(capacity: 1)
         precondition(uv_async_init(raw, wakeup, LoopEngine.onWakeup) == 0, "uv_async_init failed")
@@ -210,7 +188,6 @@ final class LoopEngine: @unchecked Sendable {
         willCloseWakeup = nil
         wakeupKeepsLoopAlive = false
         uv_close(wakeup.asHandle, LoopEngine.onWakeupClosed)
-        if let beforePoll { uv_close(beforePoll.asHandle, freeHandleOnClose) }
     }
 
     /// Runs the work taken from the inbox, in order. Loop thread only.
@@ -239,23 +216,6 @@ final class LoopEngine: @unchecked Sendable {
         guard let handle else { return }
         if let data = handle.pointee.data { Unmanaged<LoopEngine>.fromOpaque(data).release() }
         UnsafeMutableRawPointer(handle).deallocate()
-    }
-
-    private func startBatching() {
-        guard let beforePoll, !isShutDown else { return }
-        uv_prepare_start(beforePoll, LoopEngine.onBeforePoll)
-    }
-
-    private static let onBeforePoll: uv_prepare_cb = { handle in
-        guard let data = handle?.pointee.data else { return }
-        let engine = Unmanaged<LoopEngine>.fromOpaque(data).takeUnretainedValue()
-        let busy = engine.readsSincePoll > 1
-        engine.readsSincePoll = 0
-        guard busy else { return }
-        engine.batchingWaits &+= 1
-        var window = engine.batchingWindow
-        // An interrupted sleep only shortens the window; the poll that follows is what matters.
-        _ = nanosleep(&window, nil)
     }
 
     private static func startThread(running loop: UnsafeMutablePointer<uv_loop_t>) -> pthread_t {

@@ -26,6 +26,8 @@ final class TCPTransport: Transport {
     private var nextAddress = 0
     private var lastConnectError: Int32 = 0
     private var connectTimer: LoopTimer?
+    /// The loop's batching window, when it has one: it counts this stream's reads.
+    private let batching: ReadBatching?
     /// Set while the owner's connect or write runs: a failure then is reported later.
     private var inOwnerCall = false
 
@@ -38,6 +40,7 @@ final class TCPTransport: Transport {
 
     init(loop: EventLoop) {
         self.loop = loop
+        batching = ReadBatching.of(loop)
     }
 
     func connect(to endpoint: Endpoint, timeoutMilliseconds: Int?) {
@@ -252,7 +255,7 @@ final class TCPTransport: Transport {
     private static let onRead: uv_read_cb = { stream, count, buffer in
         guard let transport = transport(of: UnsafeMutableRawPointer(stream)) else { return }
         if count > 0, let base = buffer?.pointee.base {
-            transport.loop.readsSincePoll &+= 1
+            transport.batching?.readsSincePoll &+= 1
             transport.delegate?.transport(transport, didRead: UnsafeRawBufferPointer(start: base, count: count))
         } else if count == Int(UV_EOF.rawValue) {
             transport.fail(.connectionClosed(reason: "the server closed the connection"))
