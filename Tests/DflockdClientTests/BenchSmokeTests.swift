@@ -1,3 +1,4 @@
+import CUV  // see TestSupport.swift: the socket constants of <netinet/in.h> may live in CUV
 import Foundation
 import Testing
 

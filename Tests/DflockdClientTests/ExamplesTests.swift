@@ -5,6 +5,7 @@
 // The binaries come from the build directory: `swift build` and `swift test` build every
 // product of the package, examples included, into the folder that also holds the test bundle.
 
+import CUV  // see TestSupport.swift: the socket constants of <netinet/in.h> may live in CUV
 import Foundation
 import Testing
 @testable import DflockdClient

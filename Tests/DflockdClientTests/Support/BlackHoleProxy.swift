@@ -27,6 +27,7 @@
 // more, and the control methods return once it has (so after `blackHole()` returns, nothing
 // more crosses). Loopback only.
 
+import CUV  // see TestSupport.swift: the socket constants of <netinet/in.h> may live in CUV
 import Foundation
 @testable import DflockdClient
 

@@ -11,6 +11,7 @@
 // another thread while a read is blocked: the read ends with RawClientError.closedLocally.
 // Nothing is validated: a RawClient sends whatever it is given (handy for malformed input).
 
+import CUV  // see TestSupport.swift: the socket constants of <netinet/in.h> may live in CUV
 @testable import DflockdClient
 import Foundation
 import Synchronization

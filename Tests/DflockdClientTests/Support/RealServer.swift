@@ -30,6 +30,7 @@
 // without the DFLOCKD_* / MAX_LOCKS / ... variables: dflockd 0.5.0 lets any of them
 // silently override the corresponding command-line flag (including --host and --port).
 
+import CUV  // see TestSupport.swift: the socket constants of <netinet/in.h> may live in CUV
 @testable import DflockdClient
 import Foundation
 import Testing

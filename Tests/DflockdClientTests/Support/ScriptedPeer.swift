@@ -38,6 +38,7 @@
 // connections stay open until `stop()`/deinit; `finish` then also fails if a client sent
 // bytes the script does not account for (best effort: bytes that already arrived).
 
+import CUV  // see TestSupport.swift: the socket constants of <netinet/in.h> may live in CUV
 @testable import DflockdClient
 import Dispatch
 import Foundation

@@ -27,6 +27,7 @@
 // it, stunnel does not linger. Failures throw with what to do (`make setup` installs stunnel4
 // and openssl) and the log: tests fail loudly instead of skipping.
 
+import CUV  // see TestSupport.swift: the socket constants of <netinet/in.h> may live in CUV
 @testable import DflockdClient
 import Foundation
 

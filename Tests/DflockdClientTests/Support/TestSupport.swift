@@ -7,6 +7,10 @@
 // the same lookup then also finds <repo>/.venv and ../shared, and it does not depend
 // on the test target declaring resources.
 
+// CUV in every test file that uses socket constants: uv.h includes <netinet/in.h> and
+// <sys/socket.h>, and which clang module then owns IPPROTO_TCP, MSG_DONTWAIT and the rest
+// depends on build order; a file importing Glibc alone fails some incremental builds.
+import CUV
 import Foundation
 
 #if canImport(Glibc)
