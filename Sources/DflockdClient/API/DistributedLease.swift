@@ -462,7 +462,7 @@ extension DistributedLease {
 
     /// The session's shared connection is open for this lock's `session`. Loop thread.
     func sharedConnectionReady(_ session: LeaseMachine.Session, connection: Connection) {
-        if machine.session == session, sharedMember != nil { self.connection = connection }
+        if machine.session == session, machine.route == .shared { self.connection = connection }
         drive(.connected(session))
     }
 
