@@ -308,8 +308,9 @@ public class DistributedLease: @unchecked Sendable {
             connection = nil
             if let member = sharedMember { settings.session?.detach(member) }
             sharedMember = nil
-            leaseTimer?.close()
-            leaseTimer = nil
+            // Kept for the next acquire: a lock on a session takes and frees keys often and
+            // cheaply; its timer closes with the lock.
+            leaseTimer?.cancel()
         case .releaseUnanswered(_, let token):
             if let request = try? settings.request(for: .release(token: token)) {
                 settings.session?.sendUnanswered(request, channel: settings.channel)
