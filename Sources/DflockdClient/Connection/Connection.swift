@@ -52,6 +52,10 @@ public final class Connection: @unchecked Sendable {
     /// Keeps the connection alive while replies are owed or `connect` waiters wait, so every
     /// completion handler runs even if the caller dropped its reference.
     private var selfWhileBusy: Connection?
+    /// A gathered flush is queued for the end of this turn.
+    private var flushQueued = false
+    /// Close as soon as no reply is owed (``closeWhenAnswered()``).
+    private var closesWhenAnswered = false
 
     typealias Completion = (Result<Reply, LockError>) -> Void
 
@@ -70,6 +74,10 @@ public final class Connection: @unchecked Sendable {
         var requestTimeoutMs: Int = Connection.defaultRequestTimeoutMs
         /// Added to a blocking request's own timeout for its deadline.
         var blockingGraceMs: Int = Connection.defaultBlockingGraceMs
+        /// Hold writes until the end of the loop's turn, so that every request issued in one
+        /// turn (by many timers, replies, or queued calls) leaves in one write: for
+        /// connections shared by many locks.
+        var gathersWrites = false
 
         var limits: ConnectionLimits {
             .init(requestTimeoutMs: requestTimeoutMs, blockingGraceMs: blockingGraceMs,
@@ -193,6 +201,15 @@ public final class Connection: @unchecked Sendable {
         }
     }
 
+    /// Closes the connection once every request sent so far is answered (at once when none is
+    /// outstanding), so that requests already queued (releases) reach the server and are
+    /// answered first. Loop thread only.
+    func closeWhenAnswered() {
+        loop.assertInLoop()
+        closesWhenAnswered = true
+        step(fromCaller: true) { _, _, _ in }
+    }
+
     /// Whether the connection is closed (by the caller, the server, or a failure). Loop thread.
     var isClosed: Bool {
         if case .closed = core.phase { return true }
@@ -239,6 +256,12 @@ public final class Connection: @unchecked Sendable {
             perform(action)
         }
         actions.removeAll(keepingCapacity: true)
+        if closesWhenAnswered, !core.hasOutstanding, !isClosed {
+            closesWhenAnswered = false
+            core.close(.closed, into: &actions)
+            performQueued()
+            return
+        }
         flushWrites()
         settleTimer()
         let busy = core.hasOutstanding || !connectWaiters.isEmpty
@@ -311,6 +334,20 @@ public final class Connection: @unchecked Sendable {
     }
 
     private func flushWrites() {
+        guard case .open = core.phase, !core.outbound.isEmpty, transport != nil else { return }
+        if configuration.gathersWrites {
+            guard !flushQueued else { return }
+            flushQueued = true
+            loop.atEndOfTurn { [self] in
+                flushQueued = false
+                writeNow()
+            }
+            return
+        }
+        writeNow()
+    }
+
+    private func writeNow() {
         guard case .open = core.phase, !core.outbound.isEmpty, let transport else { return }
         // Swapped out, so that the transport's write never overlaps an access to the core.
         swap(&writeBuffer, &core.outbound)

@@ -26,6 +26,12 @@ final class LoopEngine: @unchecked Sendable {
     private let loopThread: pthread_t
     private let wakeup: UnsafeMutablePointer<uv_async_t>
     private let inbox = ThreadLock(Inbox())
+    /// Runs the work queued with ``atEndOfTurn(_:)`` just before the loop polls: the
+    /// gathering point for writes issued by the timers, reads and work of one turn.
+    /// Made on first use (a loop without shared connections has none), unreferenced, and
+    /// started only while work is queued. Loop thread only.
+    private var endOfTurn: UnsafeMutablePointer<uv_prepare_t>?
+    private var endOfTurnWork: [() -> Void] = []
 
     /// The top-level owners of handles (connections, timers of locks) that shutdown closes.
     /// Loop thread only. Held weakly: a connection its owner dropped must still be free to go.
@@ -188,6 +194,40 @@ final class LoopEngine: @unchecked Sendable {
         willCloseWakeup = nil
         wakeupKeepsLoopAlive = false
         uv_close(wakeup.asHandle, LoopEngine.onWakeupClosed)
+        endOfTurnWork.removeAll()
+        if let endOfTurn { uv_close(endOfTurn.asHandle, freeHandleOnClose) }
+        endOfTurn = nil
+    }
+
+    /// Queues `work` to run on this turn of the loop, after its timers, reads and queued work
+    /// and before it polls again. Loop thread only; dropped once shutdown has begun.
+    func atEndOfTurn(_ work: @escaping () -> Void) {
+        guard !isShutDown else { return }
+        if endOfTurnWork.isEmpty { uv_prepare_start(endOfTurnHandle(), LoopEngine.onEndOfTurn) }
+        endOfTurnWork.append(work)
+    }
+
+    private func endOfTurnHandle() -> UnsafeMutablePointer<uv_prepare_t> {
+        if let endOfTurn { return endOfTurn }
+        let handle = UnsafeMutablePointer<uv_prepare_t>.allocate(capacity: 1)
+        precondition(uv_prepare_init(raw, handle) == 0, "uv_prepare_init failed")
+        // Unreferenced: what the queued work serves (a connection) keeps the loop running.
+        uv_unref(handle.asHandle)
+        handle.pointee.data = Unmanaged.passUnretained(self).toOpaque()
+        endOfTurn = handle
+        return handle
+    }
+
+    private static let onEndOfTurn: uv_prepare_cb = { handle in
+        guard let data = handle?.pointee.data else { return }
+        let engine = Unmanaged<LoopEngine>.fromOpaque(data).takeUnretainedValue()
+        // Work queued by this work runs in the same pass: nothing is left for after the poll.
+        while !engine.endOfTurnWork.isEmpty {
+            let work = engine.endOfTurnWork
+            engine.endOfTurnWork.removeAll(keepingCapacity: true)
+            for item in work { item() }
+        }
+        if let handle { uv_prepare_stop(handle) }
     }
 
     /// Runs the work taken from the inbox, in order. Loop thread only.

@@ -29,6 +29,7 @@
 
 import CUV  // see TestSupport.swift: the socket constants of <netinet/in.h> may live in CUV
 import Foundation
+import CUV
 @testable import DflockdClient
 
 #if canImport(Glibc)
