@@ -48,6 +48,8 @@ public class DistributedLease: @unchecked Sendable {
     private var deliveries: [() -> Void] = []
 
     private let published: ThreadLock<Published>
+    /// Logs and metrics of the machine's steps. Loop-confined.
+    private var telemetry: LeaseTelemetry
 
     /// Call identities for completion and cancellation; any thread.
     private static let callCounter = Atomic<UInt64>(0)
@@ -72,9 +74,11 @@ public class DistributedLease: @unchecked Sendable {
         self.machine = LeaseMachine(key: settings.key, acquireTimeoutS: settings.acquireTimeoutS,
                                     renewRatio: settings.renewRatio, maxIdleMs: settings.maxIdleMs)
         self.published = ThreadLock(Published(lease: settings.leaseTtlS ?? 0))
+        self.telemetry = LeaseTelemetry(settings: settings)
     }
 
     deinit {
+        telemetry.released()
         let connection = self.connection
         let timer = self.leaseTimer
         if connection != nil || timer != nil {
@@ -248,7 +252,10 @@ public class DistributedLease: @unchecked Sendable {
         isDraining = true
         while !eventQueue.isEmpty {
             let next = eventQueue.removeFirst()
-            for action in machine.handle(next) { perform(action) }
+            let before = telemetry.before(machine)
+            let actions = machine.handle(next)
+            telemetry.observe(next, before: before, actions: actions, after: machine, nowMs: loop.nowMs)
+            for action in actions { perform(action) }
         }
         isDraining = false
         publish()

@@ -1,3 +1,5 @@
+import Logging
+
 /// A distributed FIFO lock on one key of a dflockd server: the Swift form of the
 /// `DistributedLock` of dflockd's TypeScript client, with the same options and methods.
 ///
@@ -45,6 +47,10 @@ public final class DistributedLock: DistributedLease, @unchecked Sendable {
     ///     release its locks. The default, 10 s, is safely under that; `nil` renews by
     ///     `renewRatio` alone.
     ///   - loop: The loop that runs the lock.
+    ///   - logger: Where the lock and its connections log (swift-log): a lost lock and a late
+    ///     renewal at `warning`, connect failures and reconnects at `info`/`notice`, requests and
+    ///     state changes at `debug`/`trace`. Secrets are never logged, tokens only by a prefix.
+    ///     The default logs nothing.
     /// - Throws: ``LockError/invalidArgument(name:reason:)`` naming the first invalid option.
     public init(key: String,
                 acquireTimeoutS: Int = 10,
@@ -60,11 +66,12 @@ public final class DistributedLock: DistributedLease, @unchecked Sendable {
                 connectTimeoutMs: Int? = nil,
                 socketTimeoutMs: Int? = nil,
                 maxIdleMs: Int? = DistributedLease.defaultMaxIdleMs,
-                loop: EventLoop = .shared) throws(LockError) {
+                loop: EventLoop = .shared,
+                logger: Logger = Logger(label: "dflockd", factory: { _ in SwiftLogNoOpLogHandler() })) throws(LockError) {
         let settings = try LeaseSettings(.lock, LeaseOptions(
             key: key, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS, servers: servers, shardingStrategy: shardingStrategy,
             host: host, port: port, renewRatio: renewRatio, tls: tls, auth: auth, onLockLost: onLockLost,
-            connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs, maxIdleMs: maxIdleMs))
+            connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs, maxIdleMs: maxIdleMs, logger: logger))
         super.init(settings: settings, loop: loop)
     }
 }

@@ -1,3 +1,5 @@
+import Logging
+
 /// The validated options of a lock or semaphore (from ``LeaseOptions``), and the commands that
 /// speak for it.
 struct LeaseSettings: Sendable {
@@ -15,6 +17,9 @@ struct LeaseSettings: Sendable {
     let maxIdleMs: Int?
     let connection: Connection.Configuration
     let onLockLost: (@Sendable (String, String) -> Void)?
+    let logger: Logger
+    /// The process's metrics for this kind of lease, as bootstrapped when the lock was made.
+    let metrics: DflockdMetrics.Lease
 
     /// Validates every option the way the initializers document, naming the option at fault.
     init(_ kind: Kind, _ options: LeaseOptions) throws(LockError) {
@@ -49,6 +54,8 @@ struct LeaseSettings: Sendable {
         self.maxIdleMs = options.maxIdleMs
         self.connection = connection
         self.onLockLost = options.onLockLost
+        self.logger = options.logger
+        self.metrics = DflockdMetrics.current.lease(kind)
     }
 
     /// The wire request for one of the machine's outgoing messages. The key and token were
