@@ -288,7 +288,7 @@ public final class Connection: @unchecked Sendable {
     private func perform(_ action: ConnectionCore<Completion>.Action) {
         switch action {
         case .startTransport:
-            telemetry.connecting(tls: configuration.tls != nil)
+            telemetry.connecting(tls: configuration.tls != nil, auth: configuration.auth != nil)
             startTransport()
         case .closeTransport:
             loop.unregister(self)

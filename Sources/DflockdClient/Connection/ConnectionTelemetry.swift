@@ -18,9 +18,10 @@ struct ConnectionTelemetry {
         self.metrics = metrics
     }
 
-    mutating func connecting(tls: Bool) {
+    mutating func connecting(tls: Bool, auth: Bool) {
         startedConnecting = true
-        logger.debug("connecting", metadata: [LogField.server: .string(server), "dflockd.tls": .stringConvertible(tls)])
+        logger.debug("connecting", metadata: [LogField.server: .string(server), "dflockd.tls": .stringConvertible(tls),
+                                              "dflockd.auth": .stringConvertible(auth)])
     }
 
     mutating func ready(nowMs: UInt64) {

@@ -139,6 +139,10 @@ extension Duration {
 /// Minimal POSIX socket helpers, 127.0.0.1 only. Every descriptor is close-on-exec so
 /// spawned servers never inherit a test's sockets.
 enum SupportSocket {
+    /// `IPPROTO_TCP` (6): with swift-service-lifecycle's dependencies in the test target, the
+    /// Glibc macro is no longer visible in files that import only Foundation and Glibc.
+    static let tcpLevel: Int32 = 6
+
     static func errnoDescription(_ code: Int32 = errno) -> String {
         String(cString: strerror(code)) + " (errno \(code))"
     }
@@ -184,7 +188,7 @@ enum SupportSocket {
             throw TestSupportError("cannot connect to 127.0.0.1:\(port): \(errnoDescription(code))")
         }
         var one: Int32 = 1
-        _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        _ = setsockopt(fd, SupportSocket.tcpLevel, TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
         return fd
     }
 
