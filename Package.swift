@@ -88,6 +88,15 @@ let package = Package(
             path: "Examples/EmbeddedServer"
         ),
         .executableTarget(
+            name: "Service",
+            dependencies: [
+                "DflockdClient",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            path: "Examples/Service"
+        ),
+        .executableTarget(
             name: "DflockdBench",
             dependencies: [
                 "DflockdClient",

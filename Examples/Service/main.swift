@@ -61,7 +61,9 @@ let logger = Logger(label: "service-example")
 let port = intArgument("--port", default: 6388)
 
 do {
-    let session = try LockSession(servers: [("127.0.0.1", port)], logger: logger)
+    // A loop of the service's own: the session shuts it down when it has stopped.
+    let session = try LockSession(servers: [("127.0.0.1", port)], loop: EventLoop(), logger: logger)
+    session.shutsDownLoopAfterRun = true
     let worker = JobWorker(session: session, jobs: intArgument("--jobs", default: 5), logger: logger)
     // On shutdown a group stops its services in reverse order: the worker first, then the
     // session, which releases what the worker still holds.

@@ -541,6 +541,8 @@ private struct Simulation {
             clients[index].completedCalls.insert(call)
         case .reportLockLost, .stateChanged:
             break
+        case .attachShared, .detachShared, .releaseUnanswered:
+            fail("client \(index) without a session used a shared connection: \(action)")
         }
     }
 

@@ -31,6 +31,8 @@ public class DistributedLease: @unchecked Sendable {
     /// Reports the current connection's end, tagged with its session (the connection holds its
     /// delegate weakly).
     private var connectionObserver: SessionObserver?
+    /// This lock's place on its session's shared connection, while its session runs there.
+    private var sharedMember: SharedConnectionMachine.Member?
     /// Renewals and the local lease deadline share this one timer, made on first use in a
     /// session and closed with it; `timerSession` is the session it was last scheduled for.
     private var leaseTimer: LoopTimer?
@@ -72,15 +74,33 @@ public class DistributedLease: @unchecked Sendable {
         self.settings = settings
         self.loop = loop
         self.machine = LeaseMachine(key: settings.key, acquireTimeoutS: settings.acquireTimeoutS,
-                                    renewRatio: settings.renewRatio, maxIdleMs: settings.maxIdleMs)
+                                    renewRatio: settings.renewRatio, maxIdleMs: settings.maxIdleMs,
+                                    sharesConnection: settings.session != nil, jitterSeed: UInt64.random(in: 1...UInt64.max))
         self.published = ThreadLock(Published(lease: settings.leaseTtlS ?? 0))
         self.telemetry = LeaseTelemetry(settings: settings)
+        settings.session?.register(self)
     }
 
     deinit {
         telemetry.released()
-        let connection = self.connection
         let timer = self.leaseTimer
+        if let session = settings.session {
+            session.unregister(ObjectIdentifier(self))
+            // A lock held on a shared connection is released there: the connection stays.
+            let release = machine.releaseWhenDropped.flatMap { dropped in try? settings.request(for: .release(token: dropped.token)) }
+            let (member, channel) = (sharedMember, settings.channel)
+            let connection = member == nil ? self.connection : nil
+            if release != nil || member != nil || timer != nil || connection != nil {
+                loop.runOnLoop {
+                    if let release { session.sendUnanswered(release, channel: channel) }
+                    if let member { session.detach(member) }
+                    connection?.close()
+                    timer?.close()
+                }
+            }
+            return
+        }
+        let connection = self.connection
         if connection != nil || timer != nil {
             loop.runOnLoop {
                 connection?.close()
@@ -285,6 +305,22 @@ public class DistributedLease: @unchecked Sendable {
             closing?.close()
             leaseTimer?.close()
             leaseTimer = nil
+        case .attachShared(let session):
+            guard let lockSession = settings.session else {
+                assertionFailure("\(key): attachShared without a session")
+                return
+            }
+            sharedMember = lockSession.attach(self, session: session, channel: settings.channel)
+        case .detachShared:
+            connection = nil
+            if let member = sharedMember { settings.session?.detach(member) }
+            sharedMember = nil
+            leaseTimer?.close()
+            leaseTimer = nil
+        case .releaseUnanswered(_, let token):
+            if let request = try? settings.request(for: .release(token: token)) {
+                settings.session?.sendUnanswered(request, channel: settings.channel)
+            }
         case .send(let session, let outgoing):
             send(outgoing, session: session)
         case .scheduleTimer(let session, let milliseconds):
@@ -429,6 +465,23 @@ private final class SessionObserver: ConnectionDelegate {
 extension DistributedLease {
     fileprivate func connectionEnded(session: LeaseMachine.Session, error: LockError) {
         drive(.failed(session, nil, error))
+    }
+
+    /// The session's shared connection is open for this lock's `session`. Loop thread.
+    func sharedConnectionReady(_ session: LeaseMachine.Session, connection: Connection) {
+        if machine.session == session, sharedMember != nil { self.connection = connection }
+        drive(.connected(session))
+    }
+
+    /// The shared connection of this lock's `session` could not be had, or ended. Loop thread.
+    func sharedConnectionFailed(_ session: LeaseMachine.Session, error: LockError) {
+        if machine.session == session { sharedMember = nil }
+        drive(.failed(session, nil, error))
+    }
+
+    /// The session closes: like ``close()``, on the loop thread, now. Loop thread.
+    func closeForSession() {
+        drive(.closeRequested, deliverLater: true)
     }
 }
 

@@ -74,4 +74,34 @@ public final class DistributedLock: DistributedLease, @unchecked Sendable {
             connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs, maxIdleMs: maxIdleMs, logger: logger))
         super.init(settings: settings, loop: loop)
     }
+
+    /// Creates a lock placed on `session`: its requests travel on the session's shared
+    /// connections (see ``LockSession`` for what that changes), and its servers, TLS, auth and
+    /// timeouts are the session's. Nothing touches the network until `acquire` or `enqueue`.
+    ///
+    /// - Parameters:
+    ///   - key: The lock's name: non-empty, at most 256 UTF-8 bytes, no whitespace.
+    ///   - acquireTimeoutS: Seconds to wait for the lock before giving up (0: try once, on the
+    ///     shared connection).
+    ///   - leaseTtlS: Lease length in seconds; `nil` takes the server's default.
+    ///   - renewRatio: Renew when this fraction of the lease has passed (0 < ratio < 1).
+    ///   - onLockLost: Called with `(key, token)` on the loop thread when a held lock is lost;
+    ///     when a shared connection ends, every lock held through it is lost.
+    ///   - session: The session to place the lock on.
+    ///   - logger: Where the lock and the connections of its own log (the shared connections
+    ///     log to the session's logger). The default logs nothing.
+    /// - Throws: ``LockError/invalidArgument(name:reason:)`` naming the first invalid option.
+    public init(key: String,
+                acquireTimeoutS: Int = 10,
+                leaseTtlS: Int? = nil,
+                renewRatio: Double = 0.5,
+                onLockLost: (@Sendable (String, String) -> Void)? = nil,
+                session: LockSession,
+                logger: Logger = Logger(label: "dflockd", factory: { _ in SwiftLogNoOpLogHandler() })) throws(LockError) {
+        let settings = try LeaseSettings(.lock, LeaseOptions(
+            key: key, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS, servers: nil, shardingStrategy: session.shardingStrategy,
+            host: nil, port: nil, renewRatio: renewRatio, tls: nil, auth: nil, onLockLost: onLockLost,
+            connectTimeoutMs: nil, socketTimeoutMs: nil, maxIdleMs: DistributedLease.defaultMaxIdleMs, logger: logger), session: session)
+        super.init(settings: settings, loop: session.loop)
+    }
 }

@@ -40,4 +40,25 @@ public final class DistributedSemaphore: DistributedLease, @unchecked Sendable {
         self.limit = limit
         super.init(settings: settings, loop: loop)
     }
+
+    /// Creates a semaphore placed on `session` (see ``LockSession``). The parameters are those
+    /// of ``DistributedLock/init(key:acquireTimeoutS:leaseTtlS:renewRatio:onLockLost:session:logger:)``,
+    /// with `limit` (at least 1) after `key`.
+    ///
+    /// - Throws: ``LockError/invalidArgument(name:reason:)`` naming the first invalid option.
+    public init(key: String,
+                limit: Int,
+                acquireTimeoutS: Int = 10,
+                leaseTtlS: Int? = nil,
+                renewRatio: Double = 0.5,
+                onLockLost: (@Sendable (String, String) -> Void)? = nil,
+                session: LockSession,
+                logger: Logger = Logger(label: "dflockd", factory: { _ in SwiftLogNoOpLogHandler() })) throws(LockError) {
+        let settings = try LeaseSettings(.semaphore(limit: limit), LeaseOptions(
+            key: key, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS, servers: nil, shardingStrategy: session.shardingStrategy,
+            host: nil, port: nil, renewRatio: renewRatio, tls: nil, auth: nil, onLockLost: onLockLost,
+            connectTimeoutMs: nil, socketTimeoutMs: nil, maxIdleMs: DistributedLease.defaultMaxIdleMs, logger: logger), session: session)
+        self.limit = limit
+        super.init(settings: settings, loop: session.loop)
+    }
 }

@@ -20,16 +20,13 @@ struct LeaseSettings: Sendable {
     let logger: Logger
     /// The process's metrics for this kind of lease, as bootstrapped when the lock was made.
     let metrics: DflockdMetrics.Lease
+    /// The session the lock is placed on, and the index of its shared connection there.
+    let session: LockSession?
+    let channel: Int
 
     /// Validates every option the way the initializers document, naming the option at fault.
     init(_ kind: Kind, _ options: LeaseOptions) throws(LockError) {
-        try Validation.key(options.key)
-        if case .semaphore(let limit) = kind { try Validation.limit(limit) }
-        try Validation.timeout(options.acquireTimeoutS, name: "acquireTimeoutS")
-        try Validation.lease(options.leaseTtlS, name: "leaseTtlS")
-        guard options.renewRatio.isFinite, options.renewRatio > 0, options.renewRatio < 1 else {
-            throw .invalidArgument(name: "renewRatio", reason: "must be between 0 and 1 (exclusive), got \(options.renewRatio)")
-        }
+        try Self.validateLease(kind, options)
         let connection = try options.connection.validated()
         try Connection.validate(milliseconds: options.maxIdleMs, name: "maxIdleMs")
 
@@ -56,6 +53,41 @@ struct LeaseSettings: Sendable {
         self.onLockLost = options.onLockLost
         self.logger = options.logger
         self.metrics = DflockdMetrics.current.lease(kind)
+        self.session = nil
+        self.channel = 0
+    }
+
+    /// The settings of a lock placed on `session`: servers, TLS, auth and timeouts are the
+    /// session's.
+    init(_ kind: Kind, _ options: LeaseOptions, session: LockSession) throws(LockError) {
+        try Self.validateLease(kind, options)
+        try Connection.validate(milliseconds: options.maxIdleMs, name: "maxIdleMs")
+        let placement = try session.place(key: options.key)
+        self.kind = kind
+        self.key = options.key
+        self.acquireTimeoutS = options.acquireTimeoutS
+        self.leaseTtlS = options.leaseTtlS
+        self.endpoint = placement.endpoint
+        self.renewRatio = options.renewRatio
+        self.maxIdleMs = options.maxIdleMs
+        var connection = session.ownConfiguration
+        connection.logger = options.logger
+        self.connection = connection
+        self.onLockLost = options.onLockLost
+        self.logger = options.logger
+        self.metrics = DflockdMetrics.current.lease(kind)
+        self.session = session
+        self.channel = placement.channel
+    }
+
+    private static func validateLease(_ kind: Kind, _ options: LeaseOptions) throws(LockError) {
+        try Validation.key(options.key)
+        if case .semaphore(let limit) = kind { try Validation.limit(limit) }
+        try Validation.timeout(options.acquireTimeoutS, name: "acquireTimeoutS")
+        try Validation.lease(options.leaseTtlS, name: "leaseTtlS")
+        guard options.renewRatio.isFinite, options.renewRatio > 0, options.renewRatio < 1 else {
+            throw .invalidArgument(name: "renewRatio", reason: "must be between 0 and 1 (exclusive), got \(options.renewRatio)")
+        }
     }
 
     /// The wire request for one of the machine's outgoing messages. The key and token were

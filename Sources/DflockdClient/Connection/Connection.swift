@@ -55,6 +55,10 @@ public final class Connection: @unchecked Sendable {
     private var selfWhileBusy: Connection?
     /// What has been logged and counted of this connection's life (see ``ConnectionTelemetry``).
     private var telemetry: ConnectionTelemetry
+    /// A gathered flush is queued for the end of this turn.
+    private var flushQueued = false
+    /// Close as soon as no reply is owed (``closeWhenAnswered()``).
+    private var closesWhenAnswered = false
 
     typealias Completion = (Result<Reply, LockError>) -> Void
 
@@ -78,6 +82,10 @@ public final class Connection: @unchecked Sendable {
         /// The metrics set of the lock or session that made this configuration (`nil`: the one
         /// bootstrapped when the connection is made).
         var metrics: DflockdMetrics? = nil
+        /// Hold writes until the end of the loop's turn, so that every request issued in one
+        /// turn (by many timers, replies, or queued calls) leaves in one write: for
+        /// connections shared by many locks.
+        var gathersWrites = false
 
         var limits: ConnectionLimits {
             .init(requestTimeoutMs: requestTimeoutMs, blockingGraceMs: blockingGraceMs,
@@ -210,6 +218,15 @@ public final class Connection: @unchecked Sendable {
         }
     }
 
+    /// Closes the connection once every request sent so far is answered (at once when none is
+    /// outstanding), so that requests already queued (releases) reach the server and are
+    /// answered first. Loop thread only.
+    func closeWhenAnswered() {
+        loop.assertInLoop()
+        closesWhenAnswered = true
+        step(fromCaller: true) { _, _, _ in }
+    }
+
     /// Whether the connection is closed (by the caller, the server, or a failure). Loop thread.
     var isClosed: Bool {
         if case .closed = core.phase { return true }
@@ -257,6 +274,12 @@ public final class Connection: @unchecked Sendable {
             perform(action)
         }
         actions.removeAll(keepingCapacity: true)
+        if closesWhenAnswered, !core.hasOutstanding, !isClosed {
+            closesWhenAnswered = false
+            core.close(.closed, into: &actions)
+            performQueued()
+            return
+        }
         flushWrites()
         settleTimer()
         let busy = core.hasOutstanding || !connectWaiters.isEmpty
@@ -332,6 +355,20 @@ public final class Connection: @unchecked Sendable {
     }
 
     private func flushWrites() {
+        guard case .open = core.phase, !core.outbound.isEmpty, transport != nil else { return }
+        if configuration.gathersWrites {
+            guard !flushQueued else { return }
+            flushQueued = true
+            loop.atEndOfTurn { [self] in
+                flushQueued = false
+                writeNow()
+            }
+            return
+        }
+        writeNow()
+    }
+
+    private func writeNow() {
         guard case .open = core.phase, !core.outbound.isEmpty, let transport else { return }
         // Swapped out, so that the transport's write never overlaps an access to the core.
         swap(&writeBuffer, &core.outbound)

@@ -67,6 +67,9 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
     case eventLoopShutDown
     /// The instance or connection was closed by the caller while the operation was under way.
     case closed
+    /// The ``LockSession`` the lock or semaphore is placed on was closed: it opens no more
+    /// connections. Make a new session (and locks on it).
+    case sessionClosed
 
     /// What happened and what to do about it, in a sentence or two.
     public var description: String {
@@ -127,6 +130,8 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
             return "the event loop was shut down, which closed its connections; use objects bound to a running loop."
         case .closed:
             return "the connection was closed by the caller before the operation finished."
+        case .sessionClosed:
+            return "the LockSession this lock is placed on was closed; create a new session and place new locks on it."
         }
     }
 }

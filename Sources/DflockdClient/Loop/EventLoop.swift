@@ -145,6 +145,10 @@ public final class EventLoop: @unchecked Sendable {
     /// Stops tracking a resource by identity, from its deinit. Loop thread only.
     func unregister(_ identifier: ObjectIdentifier) { engine.unregister(identifier) }
 
+    /// Runs `work` on this turn of the loop just before it polls for I/O: after the timers,
+    /// reads and queued work of the turn. Loop thread only.
+    func atEndOfTurn(_ work: @escaping () -> Void) { engine.atEndOfTurn(work) }
+
     /// Fails fast when loop-confined state is touched from another thread.
     @inline(__always)
     func assertInLoop(_ file: StaticString = #fileID, _ line: UInt = #line) {

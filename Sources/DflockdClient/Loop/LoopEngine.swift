@@ -32,6 +32,11 @@ final class LoopEngine: @unchecked Sendable {
     private let beforePoll: UnsafeMutablePointer<uv_prepare_t>?
     private let batchingWindow: timespec
     private let inbox = ThreadLock(Inbox())
+    /// Runs the work queued with ``atEndOfTurn(_:)`` just before the loop polls: the
+    /// gathering point for writes issued by the timers, reads and work of one turn.
+    /// Unreferenced and started only while work is queued. Loop thread only.
+    private let endOfTurn: UnsafeMutablePointer<uv_prepare_t>
+    private var endOfTurnWork: [() -> Void] = []
 
     /// The top-level owners of handles (connections, timers of locks) that shutdown closes.
     /// Loop thread only. Held weakly: a connection its owner dropped must still be free to go.
@@ -60,6 +65,7 @@ final class LoopEngine: @unchecked Sendable {
         readBuffer = .allocate(byteCount: 64 * 1024, alignment: 16)
         wakeup = .allocate(capacity: 1)
         precondition(uv_async_init(raw, wakeup, LoopEngine.onWakeup) == 0, "uv_async_init failed")
+        endOfTurn = LoopEngine.makeEndOfTurnHandle(raw)
         let window = min(max(batchingWindow, .zero), .milliseconds(10))
         let nanoseconds = window.components.seconds * 1_000_000_000 + window.components.attoseconds / 1_000_000_000
         self.batchingWindow = timespec(tv_sec: Int(nanoseconds / 1_000_000_000), tv_nsec: Int(nanoseconds % 1_000_000_000))
@@ -75,6 +81,7 @@ final class LoopEngine: @unchecked Sendable {
         loopThread = LoopEngine.startThread(running: raw)
         // Set before anything can wake the loop. Released in the wake-up's close callback.
         wakeup.pointee.data = Unmanaged.passRetained(self).toOpaque()
+        endOfTurn.pointee.data = Unmanaged.passUnretained(self).toOpaque()
         beforePoll?.pointee.data = Unmanaged.passUnretained(self).toOpaque()
         if beforePoll != nil {
             // Started on the loop thread: the handle is the loop's from here on.
@@ -91,8 +98,10 @@ final class LoopEngine: @unchecked Sendable {
         wakeup = .allocate(capacity: 1)
         precondition(uv_async_init(raw, wakeup, LoopEngine.onWakeup) == 0, "uv_async_init failed")
         uv_unref(wakeup.asHandle)
+        endOfTurn = LoopEngine.makeEndOfTurnHandle(raw)
         loopThread = pthread_self()
         wakeup.pointee.data = Unmanaged.passRetained(self).toOpaque()
+        endOfTurn.pointee.data = Unmanaged.passUnretained(self).toOpaque()
     }
 
     deinit {
@@ -205,6 +214,36 @@ final class LoopEngine: @unchecked Sendable {
         wakeupKeepsLoopAlive = false
         uv_close(wakeup.asHandle, LoopEngine.onWakeupClosed)
         if let beforePoll { uv_close(beforePoll.asHandle, freeHandleOnClose) }
+        endOfTurnWork.removeAll()
+        uv_close(endOfTurn.asHandle, freeHandleOnClose)
+    }
+
+    /// Queues `work` to run on this turn of the loop, after its timers, reads and queued work
+    /// and before it polls again. Loop thread only; dropped once shutdown has begun.
+    func atEndOfTurn(_ work: @escaping () -> Void) {
+        guard !isShutDown else { return }
+        if endOfTurnWork.isEmpty { uv_prepare_start(endOfTurn, LoopEngine.onEndOfTurn) }
+        endOfTurnWork.append(work)
+    }
+
+    private static func makeEndOfTurnHandle(_ loop: UnsafeMutablePointer<uv_loop_t>) -> UnsafeMutablePointer<uv_prepare_t> {
+        let handle = UnsafeMutablePointer<uv_prepare_t>.allocate(capacity: 1)
+        precondition(uv_prepare_init(loop, handle) == 0, "uv_prepare_init failed")
+        // Unreferenced: what the queued work serves (a connection) keeps the loop running.
+        uv_unref(handle.asHandle)
+        return handle
+    }
+
+    private static let onEndOfTurn: uv_prepare_cb = { handle in
+        guard let data = handle?.pointee.data else { return }
+        let engine = Unmanaged<LoopEngine>.fromOpaque(data).takeUnretainedValue()
+        // Work queued by this work runs in the same pass: nothing is left for after the poll.
+        while !engine.endOfTurnWork.isEmpty {
+            let work = engine.endOfTurnWork
+            engine.endOfTurnWork.removeAll(keepingCapacity: true)
+            for item in work { item() }
+        }
+        if let handle { uv_prepare_stop(handle) }
     }
 
     /// Runs the work taken from the inbox, in order. Loop thread only.

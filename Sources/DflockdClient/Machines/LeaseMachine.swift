@@ -72,6 +72,16 @@ struct LeaseMachine: Sendable {
     enum Action: Sendable, Hashable {
         case openConnection(Session)
         case closeConnection(Session)
+        /// Join the session's shared connection for the key (a lock on a ``LockSession``):
+        /// ``Event/connected(_:)`` or ``Event/failed(_:_:_:)`` follows, as for a connection of
+        /// its own.
+        case attachShared(Session)
+        /// Leave the shared connection: nothing is closed, later events of the session are
+        /// stale.
+        case detachShared(Session)
+        /// Send `r` for `token` on the shared connection of `Session` and ignore the answer: a
+        /// shared connection cannot be closed to free one lock's key.
+        case releaseUnanswered(Session, token: String)
         case send(Session, Outgoing)
         /// (Re)starts the one lease timer: it fires ``Event/timerFired(_:nowMs:)``.
         case scheduleTimer(Session, afterMs: Int)
@@ -128,15 +138,39 @@ struct LeaseMachine: Sendable {
     /// The longest gap between two requests on a held connection: servers close a connection
     /// that sends nothing for their read timeout (23 s by default), releasing its locks.
     let maxIdleMs: Int?
+    /// A lock on a ``LockSession``: acquire and enqueue first try the key on the shared
+    /// connection without blocking, and hold it there when granted.
+    let sharesConnection: Bool
     private(set) var state = State.idle
+    /// Where the current session runs: the shared connection or one of the lock's own.
+    private(set) var route = Route.own
+    /// A shared session ended with a try (`l key 0`) unanswered: a grant it still brings is
+    /// released unanswered, so that no key stays held by nobody.
+    private(set) var orphanedTry: Session?
+    /// State of the renewal jitter (xorshift).
+    private var jitterState: UInt64
+
+    enum Route: Sendable, Hashable {
+        case own, shared
+    }
     /// The latest session opened; it is live while ``isConnected``.
     private(set) var session: Session = 0
 
-    init(key: String, acquireTimeoutS: Int, renewRatio: Double, maxIdleMs: Int? = nil) {
+    init(key: String, acquireTimeoutS: Int, renewRatio: Double, maxIdleMs: Int? = nil,
+         sharesConnection: Bool = false, jitterSeed: UInt64 = 0) {
         self.key = key
         self.acquireTimeoutS = acquireTimeoutS
         self.renewRatio = renewRatio
         self.maxIdleMs = maxIdleMs
+        self.sharesConnection = sharesConnection
+        self.jitterState = jitterSeed | 1
+    }
+
+    /// What must be sent when the driver is dropped now: a lock held on a shared connection
+    /// releases its key there (the connection outlives it).
+    var releaseWhenDropped: (Session, token: String)? {
+        guard route == .shared, case .held(let holding) = state else { return nil }
+        return (session, holding.grant.token)
     }
 
     /// The caller-facing state.
@@ -201,9 +235,15 @@ struct LeaseMachine: Sendable {
             guard isLive(session) else { return [] }
             return connected()
         case .answered(let session, let request, let reply, let sentAtMs):
+            if session == orphanedTry, case .acquire = request {
+                orphanedTry = nil
+                if case .granted(let grant) = reply { return [.releaseUnanswered(session, token: grant.token)] }
+                return []
+            }
             guard isLive(session) else { return [] }
             return answered(request, reply, sentAtMs: sentAtMs)
         case .failed(let session, let request, let error):
+            if session == orphanedTry, request != nil { orphanedTry = nil }
             guard isLive(session) else { return [] }
             return failed(request, error)
         case .timerFired(let session, let nowMs):
@@ -228,6 +268,11 @@ struct LeaseMachine: Sendable {
         }
         session += 1
         state = .connecting(pending)
+        if sharesConnection {
+            route = .shared
+            return actions + [.attachShared(session)]
+        }
+        route = .own
         return actions + [.openConnection(session)]
     }
 
@@ -276,6 +321,11 @@ struct LeaseMachine: Sendable {
             return impossible("connected while \(state)")
         }
         state = .requesting(pending)
+        if route == .shared {
+            // The uncontended case never blocks the shared connection: try, and wait on a
+            // connection of the lock's own only if the key is taken.
+            return [.send(session, .acquire(timeoutS: 0))]
+        }
         switch pending.operation {
         case .acquire: return [.send(session, .acquire(timeoutS: acquireTimeoutS))]
         case .enqueue: return [.send(session, .enqueue)]
@@ -295,9 +345,21 @@ struct LeaseMachine: Sendable {
         case (.requesting(let pending), .wait, .granted(let grant)):
             state = .verifying(pending, grant)
             return [.send(session, .renew(token: grant.token))]
+        case (.requesting(let pending), .acquire, .timeout) where route == .shared:
+            let leave = endSession()
+            if pending.operation == .acquire, acquireTimeoutS == 0 {
+                state = .closed(lostToken: nil)
+                return [leave, .complete(pending.call, .acquire, .timedOut)]
+            }
+            // Taken: wait (or enqueue) on a connection of the lock's own, where the lock stays
+            // until released.
+            session += 1
+            route = .own
+            state = .connecting(pending)
+            return [leave, .openConnection(session)]
         case (.requesting(let pending), .acquire, .timeout), (.requesting(let pending), .wait, .timeout):
             state = .closed(lostToken: nil)
-            return [.closeConnection(session), .complete(pending.call, pending.operation, .timedOut)]
+            return [endSession(), .complete(pending.call, pending.operation, .timedOut)]
         case (.verifying(let pending, let grant), .renew, .renewed(let leaseS)):
             return hold(grant, leaseS: leaseS, sentAtMs: sentAtMs) + [.complete(pending.call, .wait, .granted)]
         case (.held(var holding), .renew, .renewed(let leaseS)):
@@ -308,7 +370,7 @@ struct LeaseMachine: Sendable {
             return [.scheduleTimer(session, afterMs: renewalDelayMs(leaseS: leaseS))]
         case (.releasing(let call, _, _), .release, .ok):
             state = .closed(lostToken: nil)
-            return [.closeConnection(session), .complete(call, .release, .released)]
+            return [endSession(), .complete(call, .release, .released)]
         case (.releasing, .renew, .renewed):
             // A renewal that crossed the release: the release's own answer decides.
             return []
@@ -331,14 +393,14 @@ struct LeaseMachine: Sendable {
                 // says the token no longer held the key.
                 guard case .release = request else { return [] }
                 state = .closed(lostToken: nil)
-                return [.closeConnection(session), .complete(call, .release, .failed(error))]
+                return [endSession(), .complete(call, .release, .failed(error))]
             }
             state = .closed(lostToken: nil)
-            return [.closeConnection(session), .complete(call, .release, releaseOutcome(after: error, leaseS: leaseS))]
+            return [endSession(), .complete(call, .release, releaseOutcome(after: error, leaseS: leaseS))]
         case .verifying(let pending, _) where refused:
             // The grant's lease had run out on the server: someone else may hold the key now.
             state = .closed(lostToken: nil)
-            return [.closeConnection(session), .complete(pending.call, .wait, .failed(.leaseExpired(key: key)))]
+            return [endSession(), .complete(pending.call, .wait, .failed(.leaseExpired(key: key)))]
         case .connecting, .requesting, .verifying, .queued:
             return shutDown(failingWith: error)
         case .idle, .closed:
@@ -370,7 +432,9 @@ struct LeaseMachine: Sendable {
             return []
         }
         if nowMs >= holding.deadlineMs {
-            return lose(holding.grant.token)
+            // The server may still count the lease: on a shared connection, free it there.
+            let release: [Action] = route == .shared ? [.releaseUnanswered(session, token: holding.grant.token)] : []
+            return release + lose(holding.grant.token)
         }
         let untilDeadline = Int(holding.deadlineMs - nowMs)
         if holding.renewalInFlight {
@@ -385,19 +449,50 @@ struct LeaseMachine: Sendable {
 
     private mutating func hold(_ grant: Grant, leaseS: Int, sentAtMs: UInt64) -> [Action] {
         state = .held(Holding(grant: grant, leaseS: leaseS, deadlineMs: deadline(sentAtMs: sentAtMs, leaseS: leaseS)))
-        return [.scheduleTimer(session, afterMs: renewalDelayMs(leaseS: leaseS))]
+        return [.scheduleTimer(session, afterMs: firstRenewalDelayMs(leaseS: leaseS))]
+    }
+
+    /// The first renewal of a lock on a shared connection comes up to a tenth early, at random:
+    /// locks acquired together then renew spread out, and stay spread, instead of in bursts.
+    private mutating func firstRenewalDelayMs(leaseS: Int) -> Int {
+        let delay = renewalDelayMs(leaseS: leaseS)
+        guard sharesConnection, delay >= 10 else { return delay }
+        jitterState ^= jitterState << 13
+        jitterState ^= jitterState >> 7
+        jitterState ^= jitterState << 17
+        return delay - Int(jitterState % UInt64(delay / 10 + 1))
     }
 
     private mutating func lose(_ token: String) -> [Action] {
+        let leave = endSession()
         state = .closed(lostToken: token)
-        return [.cancelTimer, .closeConnection(session), .reportLockLost(token: token)]
+        return [.cancelTimer, leave, .reportLockLost(token: token)]
+    }
+
+    /// Ends the current session's hold on its connection: closes a connection of the lock's
+    /// own (the server then frees what it held), leaves a shared one.
+    private func endSession() -> Action {
+        route == .shared ? .detachShared(session) : .closeConnection(session)
     }
 
     /// Ends the session: closes the connection, fails the operation in flight with `error`,
     /// and completes a release in flight (closing the session releases its keys).
     private mutating func shutDown(failingWith error: LockError) -> [Action] {
         guard isConnected else { return [] }
-        var actions: [Action] = [.cancelTimer, .closeConnection(session)]
+        var actions: [Action] = [.cancelTimer]
+        if route == .shared {
+            switch state {
+            case .held(let holding):
+                // A shared connection cannot be closed for one lock: its key is released there,
+                // without waiting for the answer.
+                actions.append(.releaseUnanswered(session, token: holding.grant.token))
+            case .requesting:
+                orphanedTry = session
+            default:
+                break
+            }
+        }
+        actions.append(endSession())
         if let pending { actions.append(.complete(pending.call, pending.operation, .failed(error))) }
         if case .releasing(let call, _, _) = state { actions.append(.complete(call, .release, .released)) }
         state = .closed(lostToken: nil)

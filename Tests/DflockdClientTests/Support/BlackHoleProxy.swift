@@ -28,6 +28,7 @@
 // more crosses). Loopback only.
 
 import Foundation
+import CUV
 @testable import DflockdClient
 
 #if canImport(Glibc)
