@@ -24,6 +24,12 @@ func intArgument(_ name: String, default value: Int) -> Int {
     return parsed
 }
 
+/// Writes a line to standard output at once (also into a pipe or file, where `print` buffers).
+func say(_ line: String) {
+    let text = line + "\n"
+    _ = text.withCString { write(1, $0, strlen($0)) }
+}
+
 /// Takes one lock per job through the session and holds it while the job runs; the jobs run
 /// until the group shuts down. It does not release the locks itself: the session, shut down
 /// after it, releases whatever is still held.
@@ -44,14 +50,13 @@ struct JobWorker: Service {
             locks.append(lock)
             logger.info("job \(job): holding its lock", metadata: ["dflockd.key": "\(lock.key)"])
         }
-        print("service: \(locks.count) jobs running, each holding its lock; send SIGTERM or SIGINT to stop")
+        say("service: \(locks.count) jobs running, each holding its lock; send SIGTERM or SIGINT to stop")
         // The jobs' work would run here; this example just waits for the shutdown.
         try? await gracefulShutdown()
         logger.info("worker: shutdown requested; leaving \(locks.count) locks to the session")
     }
 }
 
-setvbuf(stdout, nil, _IOLBF, 0)   // line by line, also into a pipe or file
 LoggingSystem.bootstrap { label in
     var handler = StreamLogHandler.standardError(label: label)
     handler.logLevel = .info
@@ -79,8 +84,8 @@ do {
         }
     }
     try await group.run()
-    print("service: stopped; every lock released")
+    say("service: stopped; every lock released")
 } catch {
-    print("service failed: \(error)")
+    say("service failed: \(error)")
     exit(1)
 }

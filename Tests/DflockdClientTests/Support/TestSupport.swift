@@ -139,9 +139,13 @@ extension Duration {
 /// Minimal POSIX socket helpers, 127.0.0.1 only. Every descriptor is close-on-exec so
 /// spawned servers never inherit a test's sockets.
 enum SupportSocket {
-    /// `IPPROTO_TCP` (6): with swift-service-lifecycle's dependencies in the test target, the
-    /// Glibc macro is no longer visible in files that import only Foundation and Glibc.
+    // With swift-service-lifecycle and swift-metrics in the test target, some of Glibc's
+    // enum-backed macros (IPPROTO_TCP, MSG_DONTWAIT) are no longer visible in every file that
+    // imports Glibc: their Linux values, spelled once here.
+    /// `IPPROTO_TCP`.
     static let tcpLevel: Int32 = 6
+    /// `MSG_PEEK | MSG_DONTWAIT`.
+    static let peekWithoutWaiting: Int32 = 0x02 | 0x40
 
     static func errnoDescription(_ code: Int32 = errno) -> String {
         String(cString: strerror(code)) + " (errno \(code))"
