@@ -45,6 +45,9 @@ struct BenchCommand: ParsableCommand {
     @Option(help: "Connections per worker, used round-robin by round (0 = 1 persistent connection).")
     var connections = 0
 
+    @Option(help: "Place every worker's (or holder's) DistributedLock on one LockSession with this many shared connections per server (0 = today: raw connections per worker in throughput mode, one connection per holder in holders mode).")
+    var sharedConnections = 0
+
     @Flag(help: "Put every worker on the one key <key>.")
     var contended = false
 
@@ -83,6 +86,10 @@ struct BenchCommand: ParsableCommand {
         guard timeout >= 0 else { throw ValidationError("--timeout must be at least 0") }
         guard lease >= 0 else { throw ValidationError("--lease must be at least 0 (0: server default)") }
         guard connections >= 0 else { throw ValidationError("--connections must be at least 0") }
+        guard (0...1024).contains(sharedConnections) else { throw ValidationError("--shared-connections must be 0...1024") }
+        if sharedConnections > 0 && (pipeline || connections > 0) {
+            throw ValidationError("--shared-connections places DistributedLocks on a session: --pipeline and --connections apply to raw connections only")
+        }
         guard (0...10_000).contains(batchingWindowUs) else { throw ValidationError("--batching-window-us must be between 0 and 10000") }
         _ = try parsedServers()
         if pipeline && contended {
@@ -113,6 +120,7 @@ struct BenchCommand: ParsableCommand {
             let settings = HoldersBenchmark.Settings(holders: holders, holdSeconds: holdSeconds, leaseTtlS: lease > 0 ? lease : nil,
                                                      renewRatio: renewRatio, timeoutS: timeout, keyPrefix: key,
                                                      servers: servers, concurrency: acquireConcurrency,
+                                                     sharedConnections: sharedConnections,
                                                      batchingWindow: .microseconds(batchingWindowUs))
             let result = try HoldersBenchmark(settings: settings).run()
             writeAll(json ? result.json(settings).text : result.text(settings), to: 1)
@@ -122,6 +130,7 @@ struct BenchCommand: ParsableCommand {
                                                         pipeline: pipeline, api: api, timeoutS: timeout,
                                                         leaseTtlS: lease > 0 ? lease : nil, servers: servers,
                                                         connectionsPerWorker: max(1, connections),
+                                                        sharedConnections: sharedConnections,
                                                         batchingWindow: .microseconds(batchingWindowUs))
             let result = try ThroughputBenchmark(settings: settings).run()
             writeAll(json ? result.json(settings).text : result.text(settings), to: 1)

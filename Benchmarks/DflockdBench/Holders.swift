@@ -30,6 +30,8 @@ final class HoldersBenchmark: @unchecked Sendable {
         var keyPrefix: String
         var servers: [Server]
         var concurrency: Int
+        /// > 0: every lock on one LockSession with this many connections per server.
+        var sharedConnections = 0
         var batchingWindow: Duration
     }
 
@@ -68,9 +70,16 @@ final class HoldersBenchmark: @unchecked Sendable {
             guard let renewalWrites, let renewalBytes else { return nil }
             return renewalBytes == renewalWrites * renewalRequestBytes
         }
+        /// With shared connections a write carries many renewals: counted from the bytes.
+        var sharedConnections = 0
+        var renewalsDone: Int? {
+            guard sharedConnections > 0 else { return renewalWrites }
+            guard let renewalBytes, renewalRequestBytes > 0 else { return nil }
+            return renewalBytes / renewalRequestBytes
+        }
         var cpuPerRenewalUs: Double? {
-            guard let renewalWrites, renewalWrites > 0 else { return nil }
-            return holdCPU.totalS / Double(renewalWrites) * 1e6
+            guard let renewalsDone, renewalsDone > 0 else { return nil }
+            return holdCPU.totalS / Double(renewalsDone) * 1e6
         }
     }
 
@@ -85,7 +94,7 @@ final class HoldersBenchmark: @unchecked Sendable {
 
     func run() throws -> Result {
         defer { loop.shutdown() }
-        let fileLimit = try raiseFileLimit(toHold: settings.holders)
+        let fileLimit = try raiseFileLimit(toHold: settings.sharedConnections > 0 ? settings.sharedConnections * settings.servers.count : settings.holders)
         let progress = ProgressLine()
         let count = settings.holders
 
@@ -97,9 +106,17 @@ final class HoldersBenchmark: @unchecked Sendable {
 
         let tag = Int.random(in: 100_000..<1_000_000)
         let width = String(count - 1).count
+        let session = settings.sharedConnections > 0
+            ? try LockSession(servers: settings.servers.map(\.pair), connectionsPerServer: settings.sharedConnections, loop: loop) : nil
+        defer { session?.close() }
         let locks = try (0..<count).map { index -> DistributedLock in
             let number = String(index)
             let key = "\(settings.keyPrefix)_holder_\(tag)_\(String(repeating: "0", count: width - number.count))\(number)"
+            if let session {
+                return try DistributedLock(key: key, acquireTimeoutS: settings.timeoutS, leaseTtlS: settings.leaseTtlS,
+                                           renewRatio: settings.renewRatio,
+                                           onLockLost: { [lostKeys] key, _ in lostKeys.insert(key) }, session: session)
+            }
             return try DistributedLock(key: key, acquireTimeoutS: settings.timeoutS, leaseTtlS: settings.leaseTtlS,
                                        servers: settings.servers.map(\.pair), renewRatio: settings.renewRatio,
                                        onLockLost: { [lostKeys] key, _ in lostKeys.insert(key) }, loop: loop)
@@ -201,7 +218,7 @@ final class HoldersBenchmark: @unchecked Sendable {
         let leaseArgument = settings.leaseTtlS.map { " \($0)" } ?? ""
         let renewalRequestBytes = "n\n\(locks[0].key)\n\(sampleToken)\(leaseArgument)\n".utf8.count
 
-        return Result(holders: count, fileLimit: fileLimit, acquireS: acquireS,
+        var result = Result(holders: count, fileLimit: fileLimit, acquireS: acquireS,
                       acquireFailures: acquired.failedIndices.count, firstAcquireError: acquired.firstError,
                       holdS: holdS, lockLostCalls: lostKeys.calls, seenLost: seenLost.lazy.filter { $0 }.count,
                       serverNotHeld: probed.failedIndices.count, firstServerError: probed.firstError,
@@ -211,6 +228,8 @@ final class HoldersBenchmark: @unchecked Sendable {
                       expectedRenewals: expectedRenewals(holdS: holdS, medianAnswerS: (rtts.sorted().dropFirst(rtts.count / 2).first ?? 0) / 1000),
                       holdCPU: holdCPU, baselineRSS: baselineRSS, heldRSS: heldRSS, afterHoldRSS: afterHoldRSS,
                       peakRSSKiB: ProcessMemory.peakRSSKiB())
+        result.sharedConnections = settings.sharedConnections
+        return result
     }
 
     /// Renewals the hold should see. A lock renews `lease × ratio` seconds after the answer to
@@ -220,8 +239,11 @@ final class HoldersBenchmark: @unchecked Sendable {
     /// sampled, for the lower bound).
     private func expectedRenewals(holdS: Double, medianAnswerS: Double) -> ClosedRange<Int>? {
         guard let lease = settings.leaseTtlS else { return nil }
-        let longest = Double(lease) * settings.renewRatio + medianAnswerS
-        let shortest = Double(max(1, lease - 1)) * settings.renewRatio
+        // Locks renew at least every DistributedLease.defaultMaxIdleMs, whatever the lease; on a
+        // session the first renewal comes up to a tenth early.
+        let maxIdleS = Double(DistributedLease.defaultMaxIdleMs) / 1000
+        let longest = min(Double(lease) * settings.renewRatio, maxIdleS) + medianAnswerS
+        let shortest = min(Double(max(1, lease - 1)) * settings.renewRatio, maxIdleS) * (settings.sharedConnections > 0 ? 0.9 : 1)
         let low = Int((holdS / longest).rounded(.down)) * settings.holders
         let high = Int((holdS / shortest).rounded(.up)) * settings.holders
         return low...high

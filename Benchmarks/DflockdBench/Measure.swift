@@ -50,11 +50,14 @@ enum ProcessMemory {
 struct IOCounters {
     var writeCalls: Int
     var writtenBytes: Int
+    /// read(2)-family calls (`syscr`).
+    var readCalls = 0
 
     static func now() -> IOCounters? {
         guard let text = readSmallFile("/proc/self/io") else { return nil }
         var calls: Int?
         var bytes: Int?
+        var reads = 0
         for line in text.split(separator: "\n") {
             let parts = line.split(separator: ":")
             guard parts.count == 2 else { continue }
@@ -62,11 +65,12 @@ struct IOCounters {
             switch parts[0] {
             case "syscw": calls = value
             case "wchar": bytes = value
+            case "syscr": reads = value ?? 0
             default: break
             }
         }
         guard let calls, let bytes else { return nil }
-        return IOCounters(writeCalls: calls, writtenBytes: bytes)
+        return IOCounters(writeCalls: calls, writtenBytes: bytes, readCalls: reads)
     }
 }
 

@@ -4,7 +4,7 @@ extension ThroughputBenchmark.Result {
         let latency = self.latency
         return """
             bench: mode=lock, \(settings.workers) workers x \(settings.rounds) rounds \
-            (key_prefix=\(settings.keyPrefix.debugDescription), conns/worker=\(settings.connectionsPerWorker)) \
+            (key_prefix=\(settings.keyPrefix.debugDescription), \(settings.sharedConnections > 0 ? "shared_connections=\(settings.sharedConnections)" : "conns/worker=\(settings.connectionsPerWorker)")) \
             api=\(settings.api.rawValue) pipeline=\(settings.pipeline ? "on" : "off") \
             batching_window=\(settings.batchingWindow.microseconds) us \
             keys=\(settings.contended ? "contended" : "uncontended") servers=\(settings.servers.map(\.description).joined(separator: ","))
@@ -22,13 +22,22 @@ extension ThroughputBenchmark.Result {
 
               cpu/op    : \(formatted(cpuPerOpUs, decimals: 2)) us (user \(formatted(cpu.userS))s + sys \(formatted(cpu.systemS))s, getrusage)
               peak RSS  : \(peakRSSKiB) KiB
+              syscalls  : \(syscallsPerOp) per op (/proc/self/io)
 
             """
+    }
+
+    var syscallsPerOp: String {
+        guard let writeCalls, let readCalls, totalOps > 0 else { return "n/a" }
+        return "write \(formatted(Double(writeCalls) / Double(totalOps), decimals: 3)), read \(formatted(Double(readCalls) / Double(totalOps), decimals: 3))"
     }
 
     func json(_ settings: ThroughputBenchmark.Settings) -> JSONObject {
         var object = JSONObject()
         object.add("mode", "throughput")
+        object.add("shared_connections", settings.sharedConnections)
+        object.add("write_calls", writeCalls ?? -1)
+        object.add("read_calls", readCalls ?? -1)
         object.add("api", settings.api.rawValue)
         object.add("pipeline", settings.pipeline)
         object.add("batching_window_us", Int(settings.batchingWindow.microseconds))
@@ -65,7 +74,13 @@ extension HoldersBenchmark.Result {
             rttSummary = "median \(formatted(sortedRTTs[sortedRTTs.count / 2], decimals: 1)) ms, max \(formatted(slowest, decimals: 1)) ms"
         }
         if serverPingsUnanswered > 0 { rttSummary += ", \(serverPingsUnanswered) unanswered" }
-        if let renewalWrites {
+        if sharedConnections > 0, let renewalsDone, let renewalWrites {
+            renewals = "\(renewalsDone) (bytes written in the \(formatted(holdS, decimals: 1)) s hold / \(renewalRequestBytes) per renewal, /proc/self/io; "
+                + "in \(renewalWrites) write(2) calls on \(sharedConnections) shared connection(s) per server"
+            if let renewalBytes, renewalBytes % max(1, renewalRequestBytes) != 0 { renewals += "; bytes are NOT a whole number of renewals" }
+            if let expectedRenewals { renewals += "; expected \(expectedRenewals.lowerBound)...\(expectedRenewals.upperBound)" }
+            renewals += ")"
+        } else if let renewalWrites {
             renewals = "\(renewalWrites) (write(2) calls in the \(formatted(holdS, decimals: 1)) s hold, /proc/self/io"
             if let bytesAgree { renewals += bytesAgree ? "; bytes agree" : "; bytes DISAGREE: \(renewalBytes ?? 0) written, \(renewalRequestBytes) per renewal" }
             if let expectedRenewals { renewals += "; expected \(expectedRenewals.lowerBound)...\(expectedRenewals.upperBound)" }
@@ -105,7 +120,9 @@ extension HoldersBenchmark.Result {
         object.add("acquire_failures", acquireFailures)
         object.add("hold_s", holdS, decimals: 6)
         object.add("held_at_end", heldAtEnd)
-        object.add("renewals_done", renewalWrites ?? -1)
+        object.add("renewals_done", renewalsDone ?? -1)
+        object.add("renewal_writes", renewalWrites ?? -1)
+        object.add("shared_connections", sharedConnections)
         object.add("renewal_bytes_agree", bytesAgree ?? false)
         object.add("renewals_expected_min", expectedRenewals?.lowerBound ?? -1)
         object.add("renewals_expected_max", expectedRenewals?.upperBound ?? -1)

@@ -20,6 +20,9 @@ final class ThroughputBenchmark: @unchecked Sendable {
         var leaseTtlS: Int?
         var servers: [Server]
         var connectionsPerWorker: Int
+        /// > 0: every worker's DistributedLock on one LockSession with this many connections
+        /// per server.
+        var sharedConnections = 0
         var batchingWindow: Duration
 
         var totalOps: Int { workers * rounds }
@@ -31,6 +34,9 @@ final class ThroughputBenchmark: @unchecked Sendable {
         var latency: LatencySummary
         var cpu: CPUTime
         var peakRSSKiB: Int
+        /// write(2) and read(2) calls of the whole process during the run (/proc/self/io).
+        var writeCalls: Int?
+        var readCalls: Int?
         var throughput: Double { Double(totalOps) / wallS }
         var cpuPerOpUs: Double { cpu.totalS / Double(totalOps) * 1e6 }
     }
@@ -46,10 +52,13 @@ final class ThroughputBenchmark: @unchecked Sendable {
     private var workersLeft = 0
     private var failure: String?
     private var connections: [Connection] = []
+    private var session: LockSession?
     private var startNs: UInt64 = 0
     private var endNs: UInt64 = 0
     private var startCPU = CPUTime(userS: 0, systemS: 0)
     private var endCPU = CPUTime(userS: 0, systemS: 0)
+    private var startIO: IOCounters?
+    private var endIO: IOCounters?
 
     init(settings: Settings) {
         self.settings = settings
@@ -67,10 +76,13 @@ final class ThroughputBenchmark: @unchecked Sendable {
         let progressStartNs = monotonicNanoseconds()
         loop.execute { [self] in
             startCPU = CPUTime.now()
+            startIO = IOCounters.now()
             startNs = monotonicNanoseconds()
-            switch settings.api {
-            case .callbacks: startCallbackWorkers(keys: workerKeys)
-            case .async: startAsyncWorkers(keys: workerKeys)
+            switch (settings.api, settings.sharedConnections > 0) {
+            case (.callbacks, false): startCallbackWorkers(keys: workerKeys)
+            case (.async, false): startAsyncWorkers(keys: workerKeys)
+            case (.callbacks, true): startSessionWorkers(keys: workerKeys)
+            case (.async, true): startAsyncSessionWorkers(keys: workerKeys)
             }
         }
         progress.wait(for: done) {
@@ -82,6 +94,7 @@ final class ThroughputBenchmark: @unchecked Sendable {
         let closed = DispatchSemaphore(value: 0)
         loop.execute { [self] in
             for connection in connections { connection.close() }
+            session?.close()
             closed.signal()
         }
         closed.wait()
@@ -90,7 +103,9 @@ final class ThroughputBenchmark: @unchecked Sendable {
                       wallS: Double(endNs - startNs) / 1e9,
                       latency: recorder.summary,
                       cpu: endCPU - startCPU,
-                      peakRSSKiB: ProcessMemory.peakRSSKiB())
+                      peakRSSKiB: ProcessMemory.peakRSSKiB(),
+                      writeCalls: startIO.flatMap { start in endIO.map { $0.writeCalls - start.writeCalls } },
+                      readCalls: startIO.flatMap { start in endIO.map { $0.readCalls - start.readCalls } })
     }
 
     /// Unique random keys `<prefix>_<n>`, n in 100000..<10000000 as in the Go tool; with
@@ -137,6 +152,7 @@ final class ThroughputBenchmark: @unchecked Sendable {
     private func finishRun() {
         endNs = monotonicNanoseconds()
         endCPU = CPUTime.now()
+        endIO = IOCounters.now()
         done.signal()
     }
 
@@ -149,6 +165,59 @@ final class ThroughputBenchmark: @unchecked Sendable {
             connections += workerConnections
             CallbackWorker(bench: self, index: index, key: key, connections: workerConnections).start()
         }
+    }
+
+    // MARK: - Workers with DistributedLocks on one LockSession
+
+    private func makeSessionLocks(keys: [String]) -> [DistributedLock] {
+        // Validated when the flags were parsed.
+        let session = try! LockSession(servers: settings.servers.map(\.pair), connectionsPerServer: settings.sharedConnections, loop: loop)
+        self.session = session
+        return keys.map { try! DistributedLock(key: $0, acquireTimeoutS: settings.timeoutS, leaseTtlS: settings.leaseTtlS, session: session) }
+    }
+
+    private func startSessionWorkers(keys: [String]) {
+        workersLeft = keys.count
+        for (index, lock) in makeSessionLocks(keys: keys).enumerated() {
+            SessionWorker(bench: self, index: index, lock: lock).start()
+        }
+    }
+
+    private func startAsyncSessionWorkers(keys: [String]) {
+        let locks = makeSessionLocks(keys: keys)
+        let (rounds, highestNs, completedOps) = (settings.rounds, recorder.histogram.highestTrackableValue, completedOps)
+        let runWorkers = { @Sendable [self] in
+            let outcomes = await withTaskGroup(of: AsyncWorker.Outcome.self) { group in
+                for (index, lock) in locks.enumerated() {
+                    group.addTask {
+                        var recorder = LatencyRecorder(highestNs: highestNs)
+                        do {
+                            for _ in 0..<rounds {
+                                let startNs = monotonicNanoseconds()
+                                guard try await lock.acquire() else { return .failed(worker: index, message: "acquire timed out") }
+                                try await lock.release()
+                                recorder.record(monotonicNanoseconds() - startNs)
+                                completedOps.increment()
+                            }
+                        } catch {
+                            return .failed(worker: index, message: "\(error)")
+                        }
+                        return .finished(recorder)
+                    }
+                }
+                return await group.reduce(into: []) { $0.append($1) }
+            }
+            loop.execute { [self] in
+                for outcome in outcomes {
+                    switch outcome {
+                    case .finished(let latencies): recorder.merge(latencies)
+                    case .failed(let worker, let message): fail(worker: worker, message)
+                    }
+                }
+                if failure == nil { finishRun() }
+            }
+        }
+        Task.detached { await runWorkers() }
     }
 
     // MARK: - Async workers
@@ -244,6 +313,59 @@ private final class CallbackWorker {
                 // Pipelined: the next acquire goes out right behind the release.
                 if pipeline && started < rounds { startRound() }
             case .success(nil):
+                fail("acquire timed out")
+            case .failure(let error):
+                fail("acquire: \(error)")
+            }
+        }
+    }
+
+    private func fail(_ message: String) {
+        selfWhileRunning = nil
+        bench.fail(worker: index, message)
+    }
+}
+
+/// One worker with a DistributedLock on the bench's LockSession, driven by completion handlers
+/// on the loop thread.
+private final class SessionWorker {
+    private unowned let bench: ThroughputBenchmark
+    private let index: Int
+    private let lock: DistributedLock
+    private let rounds: Int
+    private var completed = 0
+    private var selfWhileRunning: SessionWorker?
+
+    init(bench: ThroughputBenchmark, index: Int, lock: DistributedLock) {
+        self.bench = bench
+        self.index = index
+        self.lock = lock
+        rounds = bench.settings.rounds
+    }
+
+    func start() {
+        selfWhileRunning = self
+        startRound()
+    }
+
+    private func startRound() {
+        guard !bench.stopped else { return }
+        let startNs = monotonicNanoseconds()
+        lock.acquire { [self] result in
+            switch result {
+            case .success(true):
+                lock.release { [self] result in
+                    if case .failure(let error) = result { return fail("release: \(error)") }
+                    bench.record(monotonicNanoseconds() - startNs)
+                    completed += 1
+                    if completed == rounds {
+                        selfWhileRunning = nil
+                        bench.workerFinished()
+                    } else {
+                        startRound()
+                    }
+                }
+            case .success(false):
                 fail("acquire timed out")
             case .failure(let error):
                 fail("acquire: \(error)")

@@ -315,8 +315,9 @@ public class DistributedLease: @unchecked Sendable {
             connection = nil
             if let member = sharedMember { settings.session?.detach(member) }
             sharedMember = nil
-            leaseTimer?.close()
-            leaseTimer = nil
+            // Kept for the next acquire: a lock on a session takes and frees keys often and
+            // cheaply; its timer closes with the lock.
+            leaseTimer?.cancel()
         case .releaseUnanswered(_, let token):
             if let request = try? settings.request(for: .release(token: token)) {
                 settings.session?.sendUnanswered(request, channel: settings.channel)
@@ -469,7 +470,7 @@ extension DistributedLease {
 
     /// The session's shared connection is open for this lock's `session`. Loop thread.
     func sharedConnectionReady(_ session: LeaseMachine.Session, connection: Connection) {
-        if machine.session == session, sharedMember != nil { self.connection = connection }
+        if machine.session == session, machine.route == .shared { self.connection = connection }
         drive(.connected(session))
     }
 
