@@ -19,14 +19,16 @@ struct ServiceTests {
         let (logger, records) = RecordingLogHandler.logger(level: .debug)
         let session = try LockSession(servers: [("127.0.0.1", server.port)], logger: logger)
         let keys = (0..<20).map { "service-\($0)" }
-        let locks = try keys.map { try DistributedLock(key: $0, leaseTtlS: 30, session: session) }
+        let locks = try keys.map { try DistributedLock(key: $0, leaseTtlS: 30, session: session, logger: logger) }
         for lock in locks { #expect(try await lock.acquire()) }
         #expect(try await Self.heldKeys(server.port) == Set(keys))
 
         let group = ServiceGroup(configuration: .init(services: [session], logger: logger))
         let running = Task { try await group.run() }
-        // A lock of the session waiting for a held key: shutdown fails its wait.
-        let waiter = try DistributedLock(key: keys[0], acquireTimeoutS: 60, session: session)
+        // A lock of the session waiting for a key another client holds: shutdown fails its wait.
+        let blocker = try DistributedLock(key: "service-blocked", servers: [("127.0.0.1", server.port)])
+        #expect(try await blocker.acquire())
+        let waiter = try DistributedLock(key: "service-blocked", acquireTimeoutS: 60, session: session, logger: logger)
         let waiting = Task { try await waiter.acquire() }
         #expect(await records.wait(timeout: .seconds(10)) { $0.contains { $0.value.message == "state changed" && $0.value.metadata["dflockd.state"] == "queued" } })
 
@@ -36,7 +38,8 @@ struct ServiceTests {
         #expect(ContinuousClock.now - started < .seconds(10), "graceful shutdown is bounded")
         await #expect(throws: LockError.self) { try await waiting.value }
         for lock in locks { #expect(lock.state == .closed, "\(lock.key): \(lock.state)") }
-        #expect(try await Self.heldKeys(server.port).isEmpty, "the server still holds keys after run() returned")
+        #expect(try await Self.heldKeys(server.port) == ["service-blocked"], "the server still holds keys after run() returned")
+        try await blocker.release()
         #expect(records.entries.contains { $0.value.message == "released" && $0.value.metadata["dflockd.key"] == keys[19] })
     }
 

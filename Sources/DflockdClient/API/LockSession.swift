@@ -157,11 +157,12 @@ public final class LockSession: @unchecked Sendable {
     /// safe from any thread.
     public func close() {
         guard !isClosed.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        defer { lifecycle.markClosed() }
-        loop.runOnLoop { [self] in
+        // `run()` returns once the locks are closed (or the loop is gone).
+        loop.runOnLoop(ifShutDown: { [lifecycle] in lifecycle.markClosed() }) { [self] in
             let leases = registry.withLock { registry in registry.values.compactMap(\.lease) }
             for lease in leases { lease.closeForSession() }
             for index in channels.indices { perform(channels[index].machine.handle(.closeRequested), on: index) }
+            lifecycle.markClosed()
         }
     }
 
