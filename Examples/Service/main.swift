@@ -6,9 +6,11 @@
 //     make example NAME=Service                    # starts a throwaway dflockd and runs this
 //     swift run Service --port 6388 --jobs 5       # then press Ctrl-C (SIGINT) or send SIGTERM
 //     swift run Service --stop-after 3             # sends itself SIGTERM after 3 s (make examples)
+//     swift run Service --log-level debug          # also the library's debug records
 import DflockdClient
 import Logging
 import ServiceLifecycle
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -30,16 +32,24 @@ func say(_ line: String) {
     _ = text.withCString { write(1, $0, strlen($0)) }
 }
 
+/// The jobs' locks, kept as long as the program runs. (A lock of a session that is dropped
+/// while held is released at once; these stay held until the session's graceful shutdown.)
+final class HeldLocks: Sendable {
+    private let locks = Mutex<[DistributedLock]>([])
+    func add(_ lock: DistributedLock) { locks.withLock { $0.append(lock) } }
+    var count: Int { locks.withLock { $0.count } }
+}
+
 /// Takes one lock per job through the session and holds it while the job runs; the jobs run
 /// until the group shuts down. It does not release the locks itself: the session, shut down
 /// after it, releases whatever is still held.
 struct JobWorker: Service {
     let session: LockSession
     let jobs: Int
+    let held: HeldLocks
     let logger: Logger
 
     func run() async throws {
-        var locks: [DistributedLock] = []
         for job in 0..<jobs {
             let lock = try DistributedLock(key: "service-job-\(job)", acquireTimeoutS: 5, leaseTtlS: 10, session: session,
                                            logger: logger)
@@ -47,19 +57,23 @@ struct JobWorker: Service {
                 logger.error("job \(job): the lock is taken elsewhere", metadata: ["dflockd.key": "\(lock.key)"])
                 continue
             }
-            locks.append(lock)
+            held.add(lock)
             logger.info("job \(job): holding its lock", metadata: ["dflockd.key": "\(lock.key)"])
         }
-        say("service: \(locks.count) jobs running, each holding its lock; send SIGTERM or SIGINT to stop")
+        say("service: \(held.count) jobs running, each holding its lock; send SIGTERM or SIGINT to stop")
         // The jobs' work would run here; this example just waits for the shutdown.
         try? await gracefulShutdown()
-        logger.info("worker: shutdown requested; leaving \(locks.count) locks to the session")
+        logger.info("worker: shutdown requested; leaving \(held.count) locks to the session")
     }
 }
 
 LoggingSystem.bootstrap { label in
     var handler = StreamLogHandler.standardError(label: label)
-    handler.logLevel = .info
+    // `--log-level debug` (or trace) shows what the library logs below `info`.
+    let arguments = CommandLine.arguments
+    handler.logLevel = arguments.firstIndex(of: "--log-level").flatMap { index in
+        index + 1 < arguments.count ? Logger.Level(rawValue: arguments[index + 1]) : nil
+    } ?? .info
     return handler
 }
 let logger = Logger(label: "service-example")
@@ -69,7 +83,8 @@ do {
     // A loop of the service's own: the session shuts it down when it has stopped.
     let session = try LockSession(servers: [("127.0.0.1", port)], loop: EventLoop(), logger: logger)
     session.shutsDownLoopAfterRun = true
-    let worker = JobWorker(session: session, jobs: intArgument("--jobs", default: 5), logger: logger)
+    let held = HeldLocks()
+    let worker = JobWorker(session: session, jobs: intArgument("--jobs", default: 5), held: held, logger: logger)
     // On shutdown a group stops its services in reverse order: the worker first, then the
     // session, which releases what the worker still holds.
     let group = ServiceGroup(configuration: .init(
@@ -84,7 +99,7 @@ do {
         }
     }
     try await group.run()
-    say("service: stopped; every lock released")
+    say("service: stopped; \(held.count) locks released by the session")
 } catch {
     say("service failed: \(error)")
     exit(1)

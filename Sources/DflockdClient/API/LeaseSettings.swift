@@ -52,7 +52,7 @@ struct LeaseSettings: Sendable {
         self.connection = connection
         self.onLockLost = options.onLockLost
         self.logger = options.logger
-        self.metrics = DflockdMetrics.current.lease(kind)
+        self.metrics = Self.leaseMetrics(for: kind)
         self.session = nil
         self.channel = 0
     }
@@ -75,7 +75,7 @@ struct LeaseSettings: Sendable {
         self.connection = connection
         self.onLockLost = options.onLockLost
         self.logger = options.logger
-        self.metrics = DflockdMetrics.current.lease(kind)
+        self.metrics = Self.leaseMetrics(for: kind)
         self.session = session
         self.channel = placement.channel
     }
@@ -88,6 +88,13 @@ struct LeaseSettings: Sendable {
         guard options.renewRatio.isFinite, options.renewRatio > 0, options.renewRatio < 1 else {
             throw .invalidArgument(name: "renewRatio", reason: "must be between 0 and 1 (exclusive), got \(options.renewRatio)")
         }
+    }
+
+    /// The process's metrics for `kind` (`kind` = `lock` or `semaphore` in their labels).
+    private static func leaseMetrics(for kind: Kind) -> DflockdMetrics.Lease {
+        let metrics = DflockdMetrics.current
+        if case .lock = kind { return metrics.lock }
+        return metrics.semaphore
     }
 
     /// The wire request for one of the machine's outgoing messages. The key and token were

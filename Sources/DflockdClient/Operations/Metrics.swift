@@ -74,11 +74,6 @@ final class DflockdMetrics: Sendable {
         reconnects = Counter(label: "dflockd_reconnects_total", dimensions: [], factory: factory)
     }
 
-    func lease(_ kind: LeaseSettings.Kind) -> Lease {
-        if case .lock = kind { return lock }
-        return semaphore
-    }
-
     private static let cache = Mutex<(factoryType: ObjectIdentifier, metrics: DflockdMetrics)?>(nil)
 
     /// The set for the factory bootstrapped now.
