@@ -19,8 +19,9 @@
 #                each mode, the Python client and the bare-epoll C floor: one table of
 #                throughput, p50, p99, client and server CPU per op and ratios to the Go
 #                client, and a chart (Benchmarks/results/bench-$(BENCH_SERVER).png and .txt)
-#   make bench-holders   dflockd-bench holding 15,000 locks for 60 s on one loop thread (Go server;
-#                BENCH_SERVER=py for the Python one)
+#   make bench-holders   dflockd-bench holding 15,000 locks for 60 s on one loop thread, one
+#                connection each, then 100,000 through one LockSession connection (lease 30 s)
+#                (Go server; BENCH_SERVER=py for the Python one)
 #   make clean   remove build products (.build, .build-fuzz, .build-asan, .build-tsan);
 #                `make distclean` also removes .venv and .tools
 
@@ -35,6 +36,11 @@ BENCH_WINDOW_US ?= 300
 BENCH_HOLDERS ?= 15000
 BENCH_HOLD_SECONDS ?= 60
 BENCH_LEASE ?= 10
+# make bench: the session row's shared connections; make bench-holders: the locks held through
+# one LockSession connection after the BENCH_HOLDERS run with a connection each, and their lease.
+BENCH_SHARED_CONNECTIONS ?= 2
+BENCH_SESSION_HOLDERS ?= 100000
+BENCH_SESSION_LEASE ?= 30
 FUZZ_RUNS ?= 1000000
 FUZZ_SANITIZE ?= fuzzer,address
 FUZZ_FLAGS ?= -max_len=4096 -print_final_stats=1
@@ -122,21 +128,26 @@ bench-build:
 bench: setup bench-build
 	bash Tests/scripts/with-server --server $(BENCH_SERVER) --max-locks 100000 -- .venv/bin/python Benchmarks/compare.py \
 		--go-bench .tools/bin/bench --bench "$$($(SWIFT) build -c release --show-bin-path)/dflockd-bench" \
-		--floor .build/dflockd-floor --window-us $(BENCH_WINDOW_US) \
+		--floor .build/dflockd-floor --window-us $(BENCH_WINDOW_US) --shared-connections $(BENCH_SHARED_CONNECTIONS) \
 		--workers $(BENCH_WORKERS) --rounds $(BENCH_ROUNDS) --lease $(BENCH_LEASE) --repeat $(BENCH_REPEAT) \
 		--chart Benchmarks/results/bench-$(BENCH_SERVER).png --table Benchmarks/results/bench-$(BENCH_SERVER).txt \
 		--data Benchmarks/results/bench-$(BENCH_SERVER).json
 
-# One socket per held lock: the server and the client each need ulimit -n above BENCH_HOLDERS.
-bench-holders: setup bench-build
-	@echo "ulimit -n: $$(ulimit -n) (soft), $$(ulimit -Hn) (hard); $(BENCH_HOLDERS) holders need one socket each"
-	bash Tests/scripts/with-server --server $(BENCH_SERVER) --max-locks 20000 -- bash -c 'start=$$SECONDS; \
-		"$$0" --servers "127.0.0.1:$$DFLOCKD_PORT" --holders $(BENCH_HOLDERS) --hold-seconds $(BENCH_HOLD_SECONDS) --lease $(BENCH_LEASE); \
+# First one socket per held lock (the server and the client each need ulimit -n above
+# BENCH_HOLDERS), then BENCH_SESSION_HOLDERS locks through one LockSession connection.
+holders_run = bash Tests/scripts/with-server --server $(BENCH_SERVER) --max-locks $(1) -- bash -c 'start=$$SECONDS; \
+		"$$0" --servers "127.0.0.1:$$DFLOCKD_PORT" $(2); \
 		status=$$?; \
 		echo "  server, whole run   : $$(if [ "$$DFLOCKD_SERVER_KIND" = py ]; then grep -c " cmd=n " "$$DFLOCKD_SERVER_LOG"; else echo "(the Go server logs no)"; fi) renew requests in its log;" \
 			"$$(awk -v t=$$(getconf CLK_TCK) "{ printf \"%.1f\", (\$$14 + \$$15) / t }" /proc/$$DFLOCKD_SERVER_PID/stat) s CPU in $$((SECONDS - start)) s;" \
+			"RSS $$(awk "/VmHWM/ { print \$$2 \" kB peak\" }" /proc/$$DFLOCKD_SERVER_PID/status);" \
 			"load average $$(cut -d" " -f1-3 /proc/loadavg)"; \
 		exit $$status' "$$($(SWIFT) build -c release --show-bin-path)/dflockd-bench"
+
+bench-holders: setup bench-build
+	@echo "ulimit -n: $$(ulimit -n) (soft), $$(ulimit -Hn) (hard); $(BENCH_HOLDERS) holders need one socket each"
+	$(call holders_run,20000,--holders $(BENCH_HOLDERS) --hold-seconds $(BENCH_HOLD_SECONDS) --lease $(BENCH_LEASE))
+	$(call holders_run,$(shell echo $$(( $(BENCH_SESSION_HOLDERS) + 10000 ))),--holders $(BENCH_SESSION_HOLDERS) --hold-seconds $(BENCH_HOLD_SECONDS) --lease $(BENCH_SESSION_LEASE) --shared-connections 1)
 
 clean:
 	rm -rf .build .build-fuzz .build-asan .build-tsan

@@ -176,6 +176,8 @@ def main() -> int:
     parser.add_argument("--floor", help="path of the floor binary built from Benchmarks/floor/floor.c")
     parser.add_argument("--window-us", type=int, default=300,
                         help="batching window of the 'swift window' run (EventLoop(batchingWindow:)); 0: no such row")
+    parser.add_argument("--shared-connections", type=int, default=2,
+                        help="the 'swift session' row: DistributedLocks on one LockSession with this many connections; 0: no such row")
     parser.add_argument("--workers", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=1000)
     parser.add_argument("--lease", type=int, default=10)
@@ -213,6 +215,9 @@ def main() -> int:
         ("swift --pipeline", "json", [args.bench, *common, "--pipeline"]),
         ("swift --api async", "json", [args.bench, *common, "--api", "async"]),
     ]
+    if args.shared_connections > 0:
+        clients.append((f"swift session {args.shared_connections}conn", "json",
+                        [args.bench, *common, "--shared-connections", str(args.shared_connections)]))
     if args.window_us > 0:
         clients.append((f"swift window {args.window_us}us", "json",
                         [args.bench, *common, "--batching-window-us", str(args.window_us)]))

@@ -207,17 +207,20 @@ final class ThroughputBenchmark: @unchecked Sendable {
                 }
                 return await group.reduce(into: []) { $0.append($1) }
             }
-            loop.execute { [self] in
-                for outcome in outcomes {
-                    switch outcome {
-                    case .finished(let latencies): recorder.merge(latencies)
-                    case .failed(let worker, let message): fail(worker: worker, message)
-                    }
-                }
-                if failure == nil { finishRun() }
-            }
+            loop.execute { [self] in finish(with: outcomes) }
         }
         Task.detached { await runWorkers() }
+    }
+
+    /// Merges the async workers' latencies, or records the first failure, on the loop thread.
+    private func finish(with outcomes: [AsyncWorker.Outcome]) {
+        for outcome in outcomes {
+            switch outcome {
+            case .finished(let latencies): recorder.merge(latencies)
+            case .failed(let worker, let message): fail(worker: worker, message)
+            }
+        }
+        if failure == nil { finishRun() }
     }
 
     // MARK: - Async workers
@@ -234,15 +237,7 @@ final class ThroughputBenchmark: @unchecked Sendable {
                 for worker in workers { group.addTask { await worker.run() } }
                 return await group.reduce(into: []) { $0.append($1) }
             }
-            loop.execute { [self] in
-                for outcome in outcomes {
-                    switch outcome {
-                    case .finished(let latencies): recorder.merge(latencies)
-                    case .failed(let worker, let message): fail(worker: worker, message)
-                    }
-                }
-                if failure == nil { finishRun() }
-            }
+            loop.execute { [self] in finish(with: outcomes) }
         }
         Task.detached { await runWorkers() }
     }

@@ -55,6 +55,7 @@ import Testing
         #expect(stepsRun >= Self.steps)
         #expect(coverage.grants > 0 && coverage.releases > 0 && coverage.losses > 0 && coverage.staleEvents > 0)
         #expect(coverage.lateGrantsConfirmed > 0 && coverage.lateGrantsRefused > 0, "the late-grant paths were never reached: \(coverage)")
+        #expect(coverage.sharedGrants > 0 && coverage.sharedLossesOfSeveral > 0, "the shared-connection paths were never reached: \(coverage)")
     }
 }
 
@@ -82,9 +83,12 @@ private struct ServerModel {
     struct Holder { var connection: Int; var token: String; var expiresAtMs: UInt64 }
     enum Waiter: Equatable { case blocking(connection: Int, deadlineMs: UInt64, request: LeaseMachine.Outgoing), enqueued(connection: Int) }
     struct ConnectionState {
-        let key: String
+        /// The key of a lock's own connection; nil for a session's shared connection, whose
+        /// requests each name their key.
+        let key: String?
         var alive = true
-        var inbound: [(LeaseMachine.Outgoing, UInt64)] = []
+        /// (request, send time, key, client; client -1: nobody waits for the answer).
+        var inbound: [(request: LeaseMachine.Outgoing, sentAtMs: UInt64, key: String, client: Int)] = []
         var parked = false
         var storedGrant: Grant?
     }
@@ -95,7 +99,9 @@ private struct ServerModel {
     var connections: [Int: ConnectionState] = [:]
     var nextToken = 0
     /// Replies ready to go back: (connection, request, reply or refusal).
-    var replies: [(connection: Int, request: LeaseMachine.Outgoing, result: Result<Reply, LockError>, sentAtMs: UInt64)] = []
+    var replies: [(connection: Int, request: LeaseMachine.Outgoing, result: Result<Reply, LockError>, sentAtMs: UInt64, client: Int)] = []
+    /// The client each blocking request came from.
+    var blockingClient: [Int: Int] = [:]
 
     mutating func token() -> String {
         nextToken += 1
@@ -119,7 +125,7 @@ private struct ServerModel {
                 let grant = Grant(token: token(), leaseS: leaseS)
                 holders[key] = Holder(connection: connection, token: grant.token, expiresAtMs: nowMs + UInt64(leaseS) * 1000)
                 connections[connection]?.parked = false
-                replies.append((connection, request, .success(.granted(grant)), 0))
+                replies.append((connection, request, .success(.granted(grant)), 0, blockingClient[connection] ?? -1))
                 return
             case .enqueued(let connection):
                 guard connections[connection]?.alive == true else { continue }
@@ -139,7 +145,7 @@ private struct ServerModel {
                 for waiter in queue {
                     if case .blocking(let connection, let deadline, let request) = waiter, deadline <= nowMs {
                         connections[connection]?.parked = false
-                        replies.append((connection, request, .success(.timeout), 0))
+                        replies.append((connection, request, .success(.timeout), 0, blockingClient[connection] ?? -1))
                     } else {
                         kept.append(waiter)
                     }
@@ -154,10 +160,10 @@ private struct ServerModel {
     /// Reads and handles the next request of `connection`, unless a blocking one parks it.
     mutating func process(_ connection: Int, nowMs: UInt64) {
         guard var state = connections[connection], state.alive, !state.parked, !state.inbound.isEmpty else { return }
-        let (request, sentAtMs) = state.inbound.removeFirst()
+        let (request, sentAtMs, key, client) = state.inbound.removeFirst()
         connections[connection] = state
-        let key = state.key
-        func reply(_ result: Result<Reply, LockError>) { replies.append((connection, request, result, sentAtMs)) }
+        blockingClient[connection] = client
+        func reply(_ result: Result<Reply, LockError>) { replies.append((connection, request, result, sentAtMs, client)) }
         func grantHere() -> Grant {
             let grant = Grant(token: token(), leaseS: leaseS)
             holders[key] = Holder(connection: connection, token: grant.token, expiresAtMs: nowMs + UInt64(leaseS) * 1000)
@@ -220,13 +226,16 @@ private struct ServerModel {
         guard let state = connections[connection], state.alive else { return }
         connections[connection]?.alive = false
         connections[connection]?.inbound = []
-        queues[state.key]?.removeAll { waiter in
-            switch waiter {
-            case .blocking(let c, _, _), .enqueued(let c): return c == connection
+        let keys = Set(holders.keys).union(queues.keys)
+        for key in keys {
+            queues[key]?.removeAll { waiter in
+                switch waiter {
+                case .blocking(let c, _, _), .enqueued(let c): return c == connection
+                }
             }
+            if holders[key]?.connection == connection { holders[key] = nil }
         }
-        if holders[state.key]?.connection == connection { holders[state.key] = nil }
-        grantNext(state.key, nowMs: nowMs)
+        for key in keys.sorted() { grantNext(key, nowMs: nowMs) }
     }
 }
 
@@ -244,6 +253,9 @@ private struct Client {
     var completedCalls: Set<Call> = []
     /// Sessions that have ended, for stale events.
     var pastSessions: [LeaseMachine.Session] = []
+    /// Requests still in flight on the shared connection for a session the lock has left:
+    /// their answers still come (to a try abandoned by a cancel or close, say).
+    var orphans: [(connection: Int, session: LeaseMachine.Session, request: LeaseMachine.Outgoing, sentAtMs: UInt64)] = []
 }
 
 struct Coverage {
@@ -253,6 +265,10 @@ struct Coverage {
     var losses = 0
     var staleEvents = 0
     var releases = 0
+    /// Grants on a session's shared connection, and shared connections lost with several
+    /// locks held on them.
+    var sharedGrants = 0
+    var sharedLossesOfSeveral = 0
 
     mutating func add(_ other: Coverage) {
         grants += other.grants
@@ -261,6 +277,8 @@ struct Coverage {
         losses += other.losses
         staleEvents += other.staleEvents
         releases += other.releases
+        sharedGrants += other.sharedGrants
+        sharedLossesOfSeveral += other.sharedLossesOfSeveral
     }
 }
 
@@ -278,16 +296,24 @@ private struct Simulation {
     /// What the run reached, so that a run that never got anywhere interesting fails.
     var coverage = Coverage()
     let keys = ["a", "b"]
+    /// The session's shared connection (model connection id), while one is open.
+    var shared: Int?
 
     init(rng: SplitMix64) {
         var rng = rng
         server = ServerModel(leaseS: 2 + rng.below(4))
-        let count = 4 + rng.below(3)
+        // Half the episodes put most clients on one session (several locks per connection,
+        // on three keys), beside clients with connections of their own.
+        let withSession = rng.chance(50)
+        let count = withSession ? 6 + rng.below(4) : 4 + rng.below(3)
         for index in 0..<count {
             let acquireTimeoutS = rng.below(4)
-            clients.append(Client(machine: LeaseMachine(key: ["a", "b"][index % 2], acquireTimeoutS: acquireTimeoutS,
+            let onSession = withSession && !rng.chance(25)
+            clients.append(Client(machine: LeaseMachine(key: (withSession ? ["a", "b", "c"] : ["a", "b"])[index % (withSession ? 3 : 2)],
+                                                        acquireTimeoutS: acquireTimeoutS,
                                                         renewRatio: [0.3, 0.5, 0.8][rng.below(3)],
-                                                        maxIdleMs: rng.chance(50) ? nil : 1_000 + rng.below(3_000))))
+                                                        maxIdleMs: rng.chance(50) ? nil : 1_000 + rng.below(3_000),
+                                                        sharesConnection: onSession, jitterSeed: rng.next())))
         }
         self.rng = rng
     }
@@ -355,6 +381,21 @@ private struct Simulation {
 
     mutating func connectOutcome(_ index: Int) {
         guard let connection = clients[index].connection, !connection.connected else { return }
+        if clients[index].machine.route == .shared {
+            // The shared connection opens for the first lock that needs it; later ones join.
+            if shared == nil {
+                guard rng.chance(85) else {
+                    endConnection(index, reportingTo: .failed(connection.session, nil, .connectFailed(host: "127.0.0.1", port: 1, reason: "refused")))
+                    return
+                }
+                nextConnection += 1
+                server.connections[nextConnection] = ServerModel.ConnectionState(key: nil)
+                shared = nextConnection
+            }
+            clients[index].connection = (shared!, connection.session, true)
+            feed(index, .connected(connection.session), from: "shared connection ready")
+            return
+        }
         if rng.chance(85) {
             clients[index].connection?.connected = true
             feed(index, .connected(connection.session), from: "connect")
@@ -375,8 +416,24 @@ private struct Simulation {
         let connectionID = server.replies[pick].connection
         let first = server.replies.firstIndex { $0.connection == connectionID }!
         let reply = server.replies.remove(at: first)
-        guard let index = clients.firstIndex(where: { $0.connection?.id == connectionID }) else { return }
-        guard let position = clients[index].outstanding.firstIndex(where: { $0.request == reply.request }) else {
+        let index = reply.client
+        guard index >= 0 else { return }  // a release nobody waits for
+        // Answers come in the order sent: those of a session left come before the current one's.
+        if let position = clients[index].orphans.firstIndex(where: { $0.connection == connectionID && $0.request == reply.request }) {
+            let orphan = clients[index].orphans.remove(at: position)
+            let event: LeaseMachine.Event
+            switch reply.result {
+            case .success(let answer): event = .answered(orphan.session, orphan.request, answer, sentAtMs: orphan.sentAtMs)
+            case .failure(let error): event = .failed(orphan.session, orphan.request, error)
+            }
+            let actions = feed(index, event, from: "answer to a session left")
+            if actions.contains(where: { if case .releaseUnanswered = $0 { false } else { true } }) {
+                fail("an answer to a left session did more than release an orphaned grant: \(actions)")
+            }
+            return
+        }
+        guard clients[index].connection?.id == connectionID,
+              let position = clients[index].outstanding.firstIndex(where: { $0.request == reply.request }) else {
             fail("a reply to \(reply.request) that client \(index) never sent")
             return
         }
@@ -400,6 +457,7 @@ private struct Simulation {
     /// step (the server's own notice and the client's are simultaneous in this model).
     mutating func loseConnection(_ index: Int) {
         guard let connection = clients[index].connection else { return }
+        if connection.id == shared { return loseShared() }
         endConnection(index, reportingTo: .failed(connection.session, nil, .connectionClosed(reason: "reset")))
     }
 
@@ -407,12 +465,17 @@ private struct Simulation {
     /// closes itself.
     mutating func timeOutRequest(_ index: Int) {
         guard let connection = clients[index].connection, let head = clients[index].outstanding.first else { return }
+        // A deadline ends the connection: a shared one for every lock on it.
+        if connection.id == shared { return loseShared() }
         clients[index].outstanding.removeFirst()
         endConnection(index, reportingTo: .failed(connection.session, head.request, .socketTimeout(milliseconds: 500)))
     }
 
     mutating func staleEvent(_ index: Int) {
         guard let session = clients[index].pastSessions.randomElement(using: &rng) else { return }
+        // A try abandoned on the shared connection still has its one answer to come: a second
+        // answer to it is not something a connection can produce.
+        if session == clients[index].machine.orphanedTry { return }
         let grant = Grant(token: String(repeating: "f", count: 32), leaseS: 3)
         let events: [LeaseMachine.Event] = [
             .connected(session), .failed(session, nil, .connectionClosed(reason: "old")),
@@ -435,6 +498,36 @@ private struct Simulation {
         server.tick(nowMs: nowMs)
     }
 
+    /// The shared connection breaks: every lock on it hears it in the same step; each lock
+    /// held through it is lost exactly once, and no other lock is touched.
+    mutating func loseShared() {
+        guard let id = shared else { return }
+        shared = nil
+        server.drop(id, nowMs: nowMs)
+        server.replies.removeAll { $0.connection == id }
+        var heldLost = 0
+        for index in clients.indices {
+            clients[index].orphans.removeAll { $0.connection == id }
+            guard let connection = clients[index].connection, connection.id == id else { continue }
+            let wasHeld = clients[index].machine.holding != nil
+            clients[index].connection = nil
+            clients[index].pastSessions.append(connection.session)
+            for sent in clients[index].outstanding {
+                deferred.append((index, .failed(connection.session, sent.request, .connectionClosed(reason: "reset"))))
+            }
+            clients[index].outstanding = []
+            let others = clients.indices.filter { $0 != index }.map { clients[$0].machine }
+            let actions = feed(index, .failed(connection.session, nil, .connectionClosed(reason: "reset")), from: "shared connection end")
+            let reports = actions.filter { if case .reportLockLost = $0 { true } else { false } }.count
+            if reports != (wasHeld ? 1 : 0) { fail("client \(index) (held: \(wasHeld)) reported \(reports) losses when the shared connection ended") }
+            if wasHeld { heldLost += 1 }
+            if clients.indices.filter({ $0 != index }).map({ clients[$0].machine.state }) != others.map(\.state) {
+                fail("the end of the shared connection reported to client \(index) changed another client")
+            }
+        }
+        if heldLost >= 2 { coverage.sharedLossesOfSeveral += 1 }
+    }
+
     // MARK: The driver stand-in
 
     /// Ends the client's connection from below: the server drops it, the first report goes to
@@ -452,7 +545,8 @@ private struct Simulation {
         feed(index, event, from: "connection end")
     }
 
-    mutating func feed(_ index: Int, _ event: LeaseMachine.Event, from source: String, expectStale: Bool = false) {
+    @discardableResult
+    mutating func feed(_ index: Int, _ event: LeaseMachine.Event, from source: String, expectStale: Bool = false) -> [LeaseMachine.Action] {
         let before = clients[index].machine
         let wasClosed = !before.isConnected
         let actions = clients[index].machine.handle(event)
@@ -465,7 +559,9 @@ private struct Simulation {
         if isStale(event, for: before) { coverage.staleEvents += 1 }
         for action in actions {
             switch action {
-            case .complete(_, _, .granted): coverage.grants += 1
+            case .complete(_, _, .granted):
+                coverage.grants += 1
+                if clients[index].machine.route == .shared { coverage.sharedGrants += 1 }
             case .complete(_, .release, .released): coverage.releases += 1
             case .reportLockLost: coverage.losses += 1
             default: break
@@ -482,12 +578,14 @@ private struct Simulation {
         if wasClosed, !startsAnew {
             for action in actions {
                 switch action {
-                case .complete: break
+                // An orphaned grant is released whatever the lock does now.
+                case .complete, .releaseUnanswered: break
                 default: fail("client \(index) acted after closed without a new start: \(event) -> \(actions)")
                 }
             }
         }
         for action in actions { perform(action, for: index) }
+        return actions
     }
 
     /// Whether `event` belongs to a session the machine had already left.
@@ -507,9 +605,11 @@ private struct Simulation {
             if clients[index].connection != nil { fail("client \(index) opened a connection over an open one") }
             nextConnection += 1
             server.connections[nextConnection] = ServerModel.ConnectionState(key: clients[index].machine.key)
+            if clients[index].machine.route != .own { fail("client \(index) opened a connection of its own on the shared route") }
             clients[index].connection = (nextConnection, session, false)
         case .closeConnection(let session):
             guard let connection = clients[index].connection else { return }
+            if connection.id == shared { fail("client \(index) closed the shared connection: one lock's request must not end it") }
             if connection.session != session { fail("client \(index) closed session \(session) while \(connection.session) is open") }
             server.drop(connection.id, nowMs: nowMs)
             server.replies.removeAll { $0.connection == connection.id }
@@ -526,7 +626,7 @@ private struct Simulation {
                 return
             }
             clients[index].outstanding.append((request, nowMs))
-            server.connections[connection.id]?.inbound.append((request, nowMs))
+            server.connections[connection.id]?.inbound.append((request, nowMs, clients[index].machine.key, index))
         case .scheduleTimer(let session, let afterMs):
             if session != machineSession { fail("client \(index) scheduled a timer for old session \(session)") }
             clients[index].timer = (session, nowMs + UInt64(afterMs))
@@ -541,8 +641,22 @@ private struct Simulation {
             clients[index].completedCalls.insert(call)
         case .reportLockLost, .stateChanged:
             break
-        case .attachShared, .detachShared, .releaseUnanswered:
-            fail("client \(index) without a session used a shared connection: \(action)")
+        case .attachShared(let session):
+            if !clients[index].machine.sharesConnection { fail("client \(index) without a session attached to a shared connection") }
+            if clients[index].connection != nil { fail("client \(index) attached over an open connection") }
+            // Connected (to the one open, or to one opened for it) by a later connect step.
+            clients[index].connection = (-1, session, false)
+        case .detachShared(let session):
+            guard let connection = clients[index].connection else { return }
+            if connection.session != session { fail("client \(index) left session \(session) while \(connection.session) is open") }
+            if connection.id >= 0 {
+                clients[index].orphans += clients[index].outstanding.map { (connection.id, connection.session, $0.request, $0.sentAtMs) }
+            }
+            clients[index].outstanding = []
+            clients[index].pastSessions.append(connection.session)
+            clients[index].connection = nil
+        case .releaseUnanswered(_, let token):
+            if let shared { server.connections[shared]?.inbound.append((.release(token: token), nowMs, clients[index].machine.key, -1)) }
         }
     }
 

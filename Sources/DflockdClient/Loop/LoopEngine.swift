@@ -34,8 +34,9 @@ final class LoopEngine: @unchecked Sendable {
     private let inbox = ThreadLock(Inbox())
     /// Runs the work queued with ``atEndOfTurn(_:)`` just before the loop polls: the
     /// gathering point for writes issued by the timers, reads and work of one turn.
-    /// Unreferenced and started only while work is queued. Loop thread only.
-    private let endOfTurn: UnsafeMutablePointer<uv_prepare_t>
+    /// Made on first use (a loop without shared connections has none), unreferenced, and
+    /// started only while work is queued. Loop thread only.
+    private var endOfTurn: UnsafeMutablePointer<uv_prepare_t>?
     private var endOfTurnWork: [() -> Void] = []
 
     /// The top-level owners of handles (connections, timers of locks) that shutdown closes.
@@ -65,7 +66,6 @@ final class LoopEngine: @unchecked Sendable {
         readBuffer = .allocate(byteCount: 64 * 1024, alignment: 16)
         wakeup = .allocate(capacity: 1)
         precondition(uv_async_init(raw, wakeup, LoopEngine.onWakeup) == 0, "uv_async_init failed")
-        endOfTurn = LoopEngine.makeEndOfTurnHandle(raw)
         let window = min(max(batchingWindow, .zero), .milliseconds(10))
         let nanoseconds = window.components.seconds * 1_000_000_000 + window.components.attoseconds / 1_000_000_000
         self.batchingWindow = timespec(tv_sec: Int(nanoseconds / 1_000_000_000), tv_nsec: Int(nanoseconds % 1_000_000_000))
@@ -81,7 +81,6 @@ final class LoopEngine: @unchecked Sendable {
         loopThread = LoopEngine.startThread(running: raw)
         // Set before anything can wake the loop. Released in the wake-up's close callback.
         wakeup.pointee.data = Unmanaged.passRetained(self).toOpaque()
-        endOfTurn.pointee.data = Unmanaged.passUnretained(self).toOpaque()
         beforePoll?.pointee.data = Unmanaged.passUnretained(self).toOpaque()
         if beforePoll != nil {
             // Started on the loop thread: the handle is the loop's from here on.
@@ -98,10 +97,8 @@ final class LoopEngine: @unchecked Sendable {
         wakeup = .allocate(capacity: 1)
         precondition(uv_async_init(raw, wakeup, LoopEngine.onWakeup) == 0, "uv_async_init failed")
         uv_unref(wakeup.asHandle)
-        endOfTurn = LoopEngine.makeEndOfTurnHandle(raw)
         loopThread = pthread_self()
         wakeup.pointee.data = Unmanaged.passRetained(self).toOpaque()
-        endOfTurn.pointee.data = Unmanaged.passUnretained(self).toOpaque()
     }
 
     deinit {
@@ -215,22 +212,26 @@ final class LoopEngine: @unchecked Sendable {
         uv_close(wakeup.asHandle, LoopEngine.onWakeupClosed)
         if let beforePoll { uv_close(beforePoll.asHandle, freeHandleOnClose) }
         endOfTurnWork.removeAll()
-        uv_close(endOfTurn.asHandle, freeHandleOnClose)
+        if let endOfTurn { uv_close(endOfTurn.asHandle, freeHandleOnClose) }
+        endOfTurn = nil
     }
 
     /// Queues `work` to run on this turn of the loop, after its timers, reads and queued work
     /// and before it polls again. Loop thread only; dropped once shutdown has begun.
     func atEndOfTurn(_ work: @escaping () -> Void) {
         guard !isShutDown else { return }
-        if endOfTurnWork.isEmpty { uv_prepare_start(endOfTurn, LoopEngine.onEndOfTurn) }
+        if endOfTurnWork.isEmpty { uv_prepare_start(endOfTurnHandle(), LoopEngine.onEndOfTurn) }
         endOfTurnWork.append(work)
     }
 
-    private static func makeEndOfTurnHandle(_ loop: UnsafeMutablePointer<uv_loop_t>) -> UnsafeMutablePointer<uv_prepare_t> {
+    private func endOfTurnHandle() -> UnsafeMutablePointer<uv_prepare_t> {
+        if let endOfTurn { return endOfTurn }
         let handle = UnsafeMutablePointer<uv_prepare_t>.allocate(capacity: 1)
-        precondition(uv_prepare_init(loop, handle) == 0, "uv_prepare_init failed")
+        precondition(uv_prepare_init(raw, handle) == 0, "uv_prepare_init failed")
         // Unreferenced: what the queued work serves (a connection) keeps the loop running.
         uv_unref(handle.asHandle)
+        handle.pointee.data = Unmanaged.passUnretained(self).toOpaque()
+        endOfTurn = handle
         return handle
     }
 
