@@ -99,7 +99,7 @@ demo: setup
 
 # Every program in Examples/. LockLost waits for the server to drop a silent connection, so it
 # gets a server with a 3-second read timeout instead of the default 23 s.
-EXAMPLES = Quickstart Callbacks TwoPhase LockLost Sharding Semaphore Embedded EmbeddedServer ActorService Demo
+EXAMPLES = Quickstart Callbacks TwoPhase LockLost Sharding Semaphore Embedded EmbeddedServer ActorService Service Demo
 server_flags = $(if $(filter LockLost,$(1)),--read-timeout 3)
 
 example: setup
@@ -112,7 +112,8 @@ examples: setup
 	@bin="$$($(SWIFT) build --show-bin-path)"; set -e; for name in $(EXAMPLES); do \
 		printf '\n== %s\n' "$$name"; \
 		flags=; [ "$$name" = LockLost ] && flags="--read-timeout 3"; \
-		bash Tests/scripts/with-server $$flags --append-port-arg -- "$$bin/$$name"; \
+		args=; [ "$$name" = Service ] && args="--stop-after 3"; \
+		bash Tests/scripts/with-server $$flags --append-port-arg -- "$$bin/$$name" $$args; \
 	done
 
 # The archive lands in .build/plugins/Swift-DocC/outputs/DflockdClient.doccarchive

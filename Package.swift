@@ -13,6 +13,12 @@ let package = Package(
         .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
+        // Operations (#17): the ecosystem's logging, metrics and service life cycle.
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+        // dflockd-bench --metrics: a real in-process metrics backend (nothing of it is in the library).
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         .systemLibrary(
@@ -31,6 +37,9 @@ let package = Package(
                 "CUV",
                 "COpenSSL",
                 .product(name: "DequeModule", package: "swift-collections"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             // Async methods run on their caller's executor (SE-0461): an actor or task on the
             // loop's executor calls into the library without leaving the loop thread.
@@ -87,11 +96,22 @@ let package = Package(
             path: "Examples/ActorService"
         ),
         .executableTarget(
+            name: "Service",
+            dependencies: [
+                "DflockdClient",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            path: "Examples/Service"
+        ),
+        .executableTarget(
             name: "DflockdBench",
             dependencies: [
                 "DflockdClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
             ],
             path: "Benchmarks/DflockdBench"
         ),
@@ -105,7 +125,13 @@ let package = Package(
         .systemLibrary(name: "CLibFuzzer", path: "Tests/FuzzSupport/CLibFuzzer"),
         .testTarget(
             name: "DflockdClientTests",
-            dependencies: ["DflockdClient", "CUV"],
+            dependencies: [
+                "DflockdClient", "CUV",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "MetricsTestKit", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
             exclude: ["Fixtures", "DocumentedReplies"],  // read through #filePath, like the transcripts
             resources: [.copy("Transcripts")]
         ),

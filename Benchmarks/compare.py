@@ -5,6 +5,7 @@ Clients (all the same workload: N workers x M rounds of acquire + release, each 
 own random key over one persistent connection):
   go cmd/bench         .tools/bin/bench (built by `make setup` from github.com/mtingers/dflockd)
   swift callbacks      dflockd-bench, completion handlers on the loop thread
+  swift --metrics      the same, with swift-metrics bootstrapped to an in-process Prometheus registry
   swift --pipeline     dflockd-bench, release and next acquire written together
   swift --api async    dflockd-bench, async/await
   swift --api async-loop  dflockd-bench, async/await in tasks preferring the loop's executor
@@ -211,6 +212,7 @@ def main() -> int:
     clients = [
         ("go cmd/bench", "go", [args.go_bench, "--servers", servers, *shape]),
         ("swift callbacks", "json", [args.bench, *common]),
+        ("swift --metrics", "json", [args.bench, *common, "--metrics"]),
         ("swift --pipeline", "json", [args.bench, *common, "--pipeline"]),
         ("swift --api async", "json", [args.bench, *common, "--api", "async"]),
         ("swift --api async-loop", "json", [args.bench, *common, "--api", "async-loop"]),

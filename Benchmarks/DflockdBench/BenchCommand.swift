@@ -1,5 +1,7 @@
 import ArgumentParser
 import Glibc
+import Metrics
+import Prometheus
 
 /// `dflockd-bench`: lock throughput (the Go server project's `cmd/bench` workload and flags) and
 /// many concurrently held locks, measured on the library's event loop.
@@ -76,6 +78,9 @@ struct BenchCommand: ParsableCommand {
     @Option(help: "Connection micro-benchmark: runs of each style (alternated; medians reported).")
     var microRepeat = 5
 
+    @Flag(help: "Bootstrap swift-metrics with an in-process Prometheus registry (swift-prometheus) first, so that the library's dflockd_ metrics are recorded for real; the dflockd_ samples are counted on standard error at the end.")
+    var metrics = false
+
     // MARK: Holders
 
     @Option(help: "Holders mode: hold this many locks at once.")
@@ -123,6 +128,14 @@ struct BenchCommand: ParsableCommand {
 
     func run() throws {
         let servers = try parsedServers()
+        let registry = metrics ? PrometheusCollectorRegistry() : nil
+        if let registry { MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry)) }
+        defer {
+            if let registry {
+                let samples = registry.emitToString().split(separator: "\n").filter { $0.hasPrefix("dflockd_") }
+                writeAll("metrics: \(samples.count) dflockd_ samples in the Prometheus registry\n", to: 2)
+            }
+        }
         if connectionMicro {
             let settings = ConnectionMicroBenchmark.Settings(rounds: microRounds, repeats: microRepeat, key: key, timeoutS: timeout,
                                                              leaseTtlS: lease > 0 ? lease : nil, server: servers[0])

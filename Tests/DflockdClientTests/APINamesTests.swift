@@ -163,7 +163,7 @@ struct APINamesTests {
 /// it. Each refers to the API with the labels and types shown (so it compiles only if the name
 /// is real) and checks what can be checked without a server: defaults, cases, results.
 enum SwiftNames {
-    static let full = "try DistributedLock(key:acquireTimeoutS:leaseTtlS:servers:shardingStrategy:host:port:renewRatio:tls:auth:onLockLost:connectTimeoutMs:socketTimeoutMs:maxIdleMs:loop:)"
+    static let full = "try DistributedLock(key:acquireTimeoutS:leaseTtlS:servers:shardingStrategy:host:port:renewRatio:tls:auth:onLockLost:connectTimeoutMs:socketTimeoutMs:maxIdleMs:loop:logger:)"
 
     /// A lock with every option at its default (nothing touches the network).
     static func defaultLock() throws -> DistributedLock { try DistributedLock(key: "names") }
@@ -172,7 +172,7 @@ enum SwiftNames {
         [
             // The initializer: the name, and a call with every label in the README's order.
             full: { () throws in
-                let initializer = DistributedLock.init(key:acquireTimeoutS:leaseTtlS:servers:shardingStrategy:host:port:renewRatio:tls:auth:onLockLost:connectTimeoutMs:socketTimeoutMs:maxIdleMs:loop:)
+                let initializer = DistributedLock.init(key:acquireTimeoutS:leaseTtlS:servers:shardingStrategy:host:port:renewRatio:tls:auth:onLockLost:connectTimeoutMs:socketTimeoutMs:maxIdleMs:loop:logger:)
                 _ = initializer
                 let lock = try DistributedLock(key: "names", acquireTimeoutS: 10, leaseTtlS: 20, servers: [("127.0.0.1", 6388)],
                                                shardingStrategy: stableHashShard, host: nil, port: nil, renewRatio: 0.5,

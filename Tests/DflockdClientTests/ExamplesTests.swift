@@ -22,7 +22,7 @@ import Darwin
 struct ExamplesTests {
     /// Every folder in Examples/ is an executable target and must be run by a test here.
     static let tested: Set<String> = ["Quickstart", "Callbacks", "TwoPhase", "LockLost", "Sharding", "Semaphore",
-                                      "Embedded", "EmbeddedServer", "Demo", "ActorService"]
+                                      "Embedded", "EmbeddedServer", "Demo", "ActorService", "Service"]
 
     @Test("every folder in Examples/ is an executable target of Package.swift and is run here")
     func everyExampleIsCovered() throws {
@@ -173,6 +173,27 @@ struct ExamplesTests {
         }
     }
 
+    /// The service example under a ServiceGroup: it holds a lock per job through a LockSession
+    /// until SIGTERM, then shuts down gracefully, exits 0, and the server holds none of its keys.
+    @Test func serviceStopsGracefullyOnSIGTERMAndFreesEveryKey() async throws {
+        let server = try await RealServer.launch(.go)
+        let keys = Set((0..<5).map { "service-job-\($0)" })
+        let example = try RunningExample.start("Service", ["--port", String(server.port), "--jobs", "5"])
+        defer { example.killIfRunning() }
+        try await example.waitForOutput(containing: "service: 5 jobs running", timeout: .seconds(30))
+        #expect(Set(try await stats(port: server.port).locks.map(\.key)) == keys)
+        kill(example.pid, SIGTERM)
+        let run = try await example.waitForExit(timeout: .seconds(30))
+        #expect(run.status == 0, "\(run)")
+        try run.expect(lines: ["service: stopped; 5 locks released by the session"])
+        // The session released them (the locks were still held when it shut down).
+        try run.expect(containing: ["job 4: holding its lock", "worker: shutdown requested",
+                                    "dflockd.locks_held=5", "graceful shutdown: releasing held locks",
+                                    "graceful shutdown: session closed"])
+        #expect(try await stats(port: server.port).locks.filter { keys.contains($0.key) }.isEmpty,
+                "the server still holds the example's keys after it exited")
+    }
+
     @Test func demo() async throws {
         let server = try RealServer.start()
         let run = try await ExampleRun.run("Demo", ["--port", String(server.port)])
@@ -266,6 +287,68 @@ struct ExampleRun: CustomStringConvertible {
         return run
     }
 
+}
+
+/// An example started in the background, to be signalled while it runs.
+struct RunningExample: Sendable {
+    let name: String
+    let arguments: [String]
+    let pid: pid_t
+    let outputPath: String
+    let started: ContinuousClock.Instant
+
+    static func start(_ name: String, _ arguments: [String]) throws -> RunningExample {
+        let binary = try ExampleBinaries.path(of: name)
+        let outputPath = FileManager.default.temporaryDirectory
+            .appendingPathComponent("dflockd-example-\(name)-\(getpid())-\(UUID().uuidString.prefix(8)).out").path
+        let spawned = Spawn.start(binary, argv: [binary] + arguments) { actions in
+            posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+            posix_spawn_file_actions_addopen(&actions, 1, outputPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+            posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        }
+        let pid = try spawned.mapError { TestSupportError("\($0)") }.get()
+        return RunningExample(name: name, arguments: arguments, pid: pid, outputPath: outputPath, started: .now)
+    }
+
+    var output: String { (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? "" }
+
+    /// Polls the output file (the example writes line by line) until it contains `fragment`.
+    func waitForOutput(containing fragment: String, timeout: Duration) async throws {
+        let deadline = ContinuousClock.now + timeout
+        while !output.contains(fragment) {
+            var status: Int32 = 0
+            if waitpid(pid, &status, WNOHANG) == pid {
+                throw TestSupportError("\(name) exited (status \(status)) before printing \(fragment.debugDescription):\n\(output)")
+            }
+            if ContinuousClock.now > deadline {
+                throw TestSupportError("\(name) did not print \(fragment.debugDescription) within \(timeout.supportDescription):\n\(output)")
+            }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+    }
+
+    func waitForExit(timeout: Duration) async throws -> ExampleRun {
+        let deadline = ContinuousClock.now + timeout
+        var status: Int32 = 0
+        while waitpid(pid, &status, WNOHANG) != pid {
+            if ContinuousClock.now > deadline {
+                killIfRunning()
+                throw TestSupportError("\(name) did not exit within \(timeout.supportDescription) (killed it):\n\(output)")
+            }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        let exitStatus = status & 0x7F == 0 ? (status >> 8) & 0xFF : 128 + (status & 0x7F)
+        defer { unlink(outputPath) }
+        return ExampleRun(name: name, arguments: arguments, status: exitStatus, output: output, duration: .now - started)
+    }
+
+    func killIfRunning() {
+        var status: Int32 = 0
+        if waitpid(pid, &status, WNOHANG) == 0 {
+            kill(pid, SIGKILL)
+            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        }
+    }
 }
 
 /// Where the example binaries were built.

@@ -50,6 +50,8 @@ public class DistributedLease: @unchecked Sendable {
     private var deliveries: [() -> Void] = []
 
     private let published: ThreadLock<Published>
+    /// Logs and metrics of the machine's steps. Loop-confined.
+    private var telemetry: LeaseTelemetry
 
     /// Call identities for completion and cancellation; any thread.
     private static let callCounter = Atomic<UInt64>(0)
@@ -75,10 +77,12 @@ public class DistributedLease: @unchecked Sendable {
                                     renewRatio: settings.renewRatio, maxIdleMs: settings.maxIdleMs, members: settings.members,
                                     sharesConnection: settings.session != nil, jitterSeed: UInt64.random(in: 1...UInt64.max))
         self.published = ThreadLock(Published(lease: settings.leaseTtlS ?? 0))
+        self.telemetry = LeaseTelemetry(settings: settings)
         settings.session?.register(self)
     }
 
     deinit {
+        telemetry.released()
         let timer = self.leaseTimer
         if let session = settings.session {
             session.unregister(ObjectIdentifier(self))
@@ -270,7 +274,10 @@ public class DistributedLease: @unchecked Sendable {
         isDraining = true
         while !eventQueue.isEmpty {
             let next = eventQueue.removeFirst()
-            for action in machine.handle(next) { perform(action) }
+            let before = telemetry.before(machine)
+            let actions = machine.handle(next)
+            telemetry.observe(next, before: before, actions: actions, after: machine, nowMs: loop.nowMs)
+            for action in actions { perform(action) }
         }
         isDraining = false
         publish()

@@ -1,3 +1,5 @@
+import Logging
+
 /// A distributed FIFO lock on one key of a dflockd server: the Swift form of the
 /// `DistributedLock` of dflockd's TypeScript client, with the same options and methods.
 ///
@@ -45,6 +47,10 @@ public final class DistributedLock: DistributedLease, @unchecked Sendable {
     ///     release its locks. The default, 10 s, is safely under that; `nil` renews by
     ///     `renewRatio` alone.
     ///   - loop: The loop that runs the lock.
+    ///   - logger: Where the lock and its connections log (swift-log): a lost lock and a late
+    ///     renewal at `warning`, connect failures and reconnects at `info`/`notice`, requests and
+    ///     state changes at `debug`/`trace`. Secrets are never logged, tokens only by a prefix.
+    ///     The default logs nothing.
     /// - Throws: ``LockError/invalidArgument(name:reason:)`` naming the first invalid option.
     public init(key: String,
                 acquireTimeoutS: Int = 10,
@@ -60,11 +66,12 @@ public final class DistributedLock: DistributedLease, @unchecked Sendable {
                 connectTimeoutMs: Int? = nil,
                 socketTimeoutMs: Int? = nil,
                 maxIdleMs: Int? = DistributedLease.defaultMaxIdleMs,
-                loop: EventLoop = .shared) throws(LockError) {
+                loop: EventLoop = .shared,
+                logger: Logger = Logger(label: "dflockd", factory: { _ in SwiftLogNoOpLogHandler() })) throws(LockError) {
         let settings = try LeaseSettings(.lock, LeaseOptions(
             key: key, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS, servers: servers, shardingStrategy: shardingStrategy,
             host: host, port: port, renewRatio: renewRatio, tls: tls, auth: auth, onLockLost: onLockLost,
-            connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs, maxIdleMs: maxIdleMs))
+            connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs, maxIdleMs: maxIdleMs, logger: logger))
         super.init(settings: settings, loop: loop)
     }
 
@@ -81,17 +88,20 @@ public final class DistributedLock: DistributedLease, @unchecked Sendable {
     ///   - onLockLost: Called with `(key, token)` on the loop thread when a held lock is lost;
     ///     when a shared connection ends, every lock held through it is lost.
     ///   - session: The session to place the lock on.
+    ///   - logger: Where the lock and the connections of its own log (the shared connections
+    ///     log to the session's logger). The default logs nothing.
     /// - Throws: ``LockError/invalidArgument(name:reason:)`` naming the first invalid option.
     public init(key: String,
                 acquireTimeoutS: Int = 10,
                 leaseTtlS: Int? = nil,
                 renewRatio: Double = 0.5,
                 onLockLost: (@Sendable (String, String) -> Void)? = nil,
-                session: LockSession) throws(LockError) {
+                session: LockSession,
+                logger: Logger = Logger(label: "dflockd", factory: { _ in SwiftLogNoOpLogHandler() })) throws(LockError) {
         let settings = try LeaseSettings(.lock, LeaseOptions(
             key: key, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS, servers: nil, shardingStrategy: session.shardingStrategy,
             host: nil, port: nil, renewRatio: renewRatio, tls: nil, auth: nil, onLockLost: onLockLost,
-            connectTimeoutMs: nil, socketTimeoutMs: nil, maxIdleMs: DistributedLease.defaultMaxIdleMs), session: session)
+            connectTimeoutMs: nil, socketTimeoutMs: nil, maxIdleMs: DistributedLease.defaultMaxIdleMs, logger: logger), session: session)
         super.init(settings: settings, loop: session.loop)
     }
 }

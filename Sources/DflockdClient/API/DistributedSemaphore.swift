@@ -1,3 +1,5 @@
+import Logging
+
 /// A distributed counting semaphore: up to `limit` holders of one key at a time, granted in
 /// FIFO order (dflockd 1.10 and later; the 0.5.0 server has no semaphores).
 ///
@@ -10,7 +12,7 @@ public final class DistributedSemaphore: DistributedLease, @unchecked Sendable {
 
     /// Creates a semaphore. Nothing touches the network until `acquire` or `enqueue`.
     ///
-    /// The parameters are those of ``DistributedLock/init(key:acquireTimeoutS:leaseTtlS:servers:shardingStrategy:host:port:renewRatio:tls:auth:onLockLost:connectTimeoutMs:socketTimeoutMs:maxIdleMs:loop:)``,
+    /// The parameters are those of ``DistributedLock/init(key:acquireTimeoutS:leaseTtlS:servers:shardingStrategy:host:port:renewRatio:tls:auth:onLockLost:connectTimeoutMs:socketTimeoutMs:maxIdleMs:loop:logger:)``,
     /// with `limit` (at least 1) after `key`.
     ///
     /// - Throws: ``LockError/invalidArgument(name:reason:)`` naming the first invalid option.
@@ -29,17 +31,18 @@ public final class DistributedSemaphore: DistributedLease, @unchecked Sendable {
                 connectTimeoutMs: Int? = nil,
                 socketTimeoutMs: Int? = nil,
                 maxIdleMs: Int? = DistributedLease.defaultMaxIdleMs,
-                loop: EventLoop = .shared) throws(LockError) {
+                loop: EventLoop = .shared,
+                logger: Logger = Logger(label: "dflockd", factory: { _ in SwiftLogNoOpLogHandler() })) throws(LockError) {
         let settings = try LeaseSettings(.semaphore(limit: limit), LeaseOptions(
             key: key, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS, servers: servers, shardingStrategy: shardingStrategy,
             host: host, port: port, renewRatio: renewRatio, tls: tls, auth: auth, onLockLost: onLockLost,
-            connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs, maxIdleMs: maxIdleMs))
+            connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs, maxIdleMs: maxIdleMs, logger: logger))
         self.limit = limit
         super.init(settings: settings, loop: loop)
     }
 
     /// Creates a semaphore placed on `session` (see ``LockSession``). The parameters are those
-    /// of ``DistributedLock/init(key:acquireTimeoutS:leaseTtlS:renewRatio:onLockLost:session:)``,
+    /// of ``DistributedLock/init(key:acquireTimeoutS:leaseTtlS:renewRatio:onLockLost:session:logger:)``,
     /// with `limit` (at least 1) after `key`.
     ///
     /// - Throws: ``LockError/invalidArgument(name:reason:)`` naming the first invalid option.
@@ -49,11 +52,12 @@ public final class DistributedSemaphore: DistributedLease, @unchecked Sendable {
                 leaseTtlS: Int? = nil,
                 renewRatio: Double = 0.5,
                 onLockLost: (@Sendable (String, String) -> Void)? = nil,
-                session: LockSession) throws(LockError) {
+                session: LockSession,
+                logger: Logger = Logger(label: "dflockd", factory: { _ in SwiftLogNoOpLogHandler() })) throws(LockError) {
         let settings = try LeaseSettings(.semaphore(limit: limit), LeaseOptions(
             key: key, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS, servers: nil, shardingStrategy: session.shardingStrategy,
             host: nil, port: nil, renewRatio: renewRatio, tls: nil, auth: nil, onLockLost: onLockLost,
-            connectTimeoutMs: nil, socketTimeoutMs: nil, maxIdleMs: DistributedLease.defaultMaxIdleMs), session: session)
+            connectTimeoutMs: nil, socketTimeoutMs: nil, maxIdleMs: DistributedLease.defaultMaxIdleMs, logger: logger), session: session)
         self.limit = limit
         super.init(settings: settings, loop: session.loop)
     }

@@ -1,3 +1,5 @@
+import Logging
+
 /// The options of a lock or semaphore as the caller gave them: the parameters of
 /// ``DistributedLock``'s and ``DistributedSemaphore``'s initializers, in one value. Validated
 /// once, into ``LeaseSettings``.
@@ -16,10 +18,12 @@ struct LeaseOptions: Sendable {
     var connectTimeoutMs: Int?
     var socketTimeoutMs: Int?
     var maxIdleMs: Int?
+    /// Where the lock and its connections log (the default logs nothing).
+    var logger = Logger.disabled
 
     /// The connection-level part.
     var connection: ConnectionOptions {
-        ConnectionOptions(tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs)
+        ConnectionOptions(tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs, logger: logger)
     }
 }
 
@@ -29,6 +33,7 @@ struct ConnectionOptions: Sendable {
     var auth: String?
     var connectTimeoutMs: Int?
     var socketTimeoutMs: Int?
+    var logger = Logger.disabled
     /// The deadline of a request that does not block on the server, and of `auth` and the TLS
     /// handshake; locks, semaphores and `stats` take the default.
     var requestTimeoutMs = Connection.defaultRequestTimeoutMs
@@ -48,6 +53,7 @@ struct ConnectionOptions: Sendable {
             throw .invalidArgument(name: "blockingGraceMs", reason: "must be 0 or more milliseconds, got \(blockingGraceMs)")
         }
         return Connection.Configuration(tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs,
-                                        tlsContext: tlsContext, requestTimeoutMs: requestTimeoutMs, blockingGraceMs: blockingGraceMs)
+                                        tlsContext: tlsContext, requestTimeoutMs: requestTimeoutMs, blockingGraceMs: blockingGraceMs,
+                                        logger: logger, metrics: DflockdMetrics.current)
     }
 }

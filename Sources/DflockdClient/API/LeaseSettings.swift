@@ -1,3 +1,5 @@
+import Logging
+
 /// The validated options of a lock or semaphore (from ``LeaseOptions``), and the commands that
 /// speak for it.
 struct LeaseSettings: Sendable {
@@ -18,6 +20,9 @@ struct LeaseSettings: Sendable {
     let maxIdleMs: Int?
     let connection: Connection.Configuration
     let onLockLost: (@Sendable (String, String) -> Void)?
+    let logger: Logger
+    /// The process's metrics for this kind of lease, as bootstrapped when the lock was made.
+    let metrics: DflockdMetrics.Lease
     /// The session the lock is placed on, and the index of its shared connection there.
     let session: LockSession?
     let channel: Int
@@ -50,6 +55,8 @@ struct LeaseSettings: Sendable {
         self.maxIdleMs = options.maxIdleMs
         self.connection = connection
         self.onLockLost = options.onLockLost
+        self.logger = options.logger
+        self.metrics = Self.leaseMetrics(for: kind)
         self.session = nil
         self.channel = 0
     }
@@ -70,8 +77,12 @@ struct LeaseSettings: Sendable {
         self.members = session.endpoints
         self.renewRatio = options.renewRatio
         self.maxIdleMs = options.maxIdleMs
-        self.connection = session.ownConfiguration
+        var connection = session.ownConfiguration
+        connection.logger = options.logger
+        self.connection = connection
         self.onLockLost = options.onLockLost
+        self.logger = options.logger
+        self.metrics = Self.leaseMetrics(for: kind)
         self.session = session
         self.channel = placement.channel
     }
@@ -84,6 +95,13 @@ struct LeaseSettings: Sendable {
         guard options.renewRatio.isFinite, options.renewRatio > 0, options.renewRatio < 1 else {
             throw .invalidArgument(name: "renewRatio", reason: "must be between 0 and 1 (exclusive), got \(options.renewRatio)")
         }
+    }
+
+    /// The process's metrics for `kind` (`kind` = `lock` or `semaphore` in their labels).
+    private static func leaseMetrics(for kind: Kind) -> DflockdMetrics.Lease {
+        let metrics = DflockdMetrics.current
+        if case .lock = kind { return metrics.lock }
+        return metrics.semaphore
     }
 
     /// The wire request for one of the machine's outgoing messages. The key and token were

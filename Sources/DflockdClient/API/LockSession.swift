@@ -1,3 +1,4 @@
+import Logging
 import Synchronization
 
 /// Many locks over a few shared connections: a ``DistributedLock`` or ``DistributedSemaphore``
@@ -50,6 +51,10 @@ public final class LockSession: @unchecked Sendable {
     /// For the connections a lock opens for itself (a blocking wait).
     let ownConfiguration: Connection.Configuration
     private let sharedConfiguration: Connection.Configuration
+    let logger: Logger
+    private let metrics: DflockdMetrics
+    /// Run and graceful shutdown under swift-service-lifecycle (LockSession+Service.swift).
+    let lifecycle = SessionLifecycle()
 
     /// Spreads the locks of one server over its connections, in turn. Any thread.
     private let placements = Atomic<UInt64>(0)
@@ -69,6 +74,8 @@ public final class LockSession: @unchecked Sendable {
         var machine = SharedConnectionMachine()
         var connection: Connection?
         var observer: ChannelObserver?
+        /// Why the last connection failed, until the next one opens (a reconnect).
+        var lastFailure: String?
 
         init(endpoint: Endpoint) { self.endpoint = endpoint }
     }
@@ -98,6 +105,10 @@ public final class LockSession: @unchecked Sendable {
     ///   - socketTimeoutMs: Close a connection when no byte arrives for this long while a reply
     ///     is awaited. On a shared connection that ends it for every lock on it.
     ///   - loop: The loop that runs the session and its locks.
+    ///   - logger: Where the session and its shared connections log: a shared connection
+    ///     lost (and the locks lost with it) at `warning`, connect failures and back-off at
+    ///     `info`, graceful shutdown at `notice`, the rest at `debug`/`trace`. The default logs
+    ///     nothing.
     /// - Throws: ``LockError/invalidArgument(name:reason:)`` naming the first invalid option.
     public init(servers: [(String, Int)]? = nil,
                 shardingStrategy: @escaping ShardingStrategy = stableHashShard,
@@ -106,7 +117,8 @@ public final class LockSession: @unchecked Sendable {
                 auth: String? = nil,
                 connectTimeoutMs: Int? = nil,
                 socketTimeoutMs: Int? = nil,
-                loop: EventLoop = .shared) throws(LockError) {
+                loop: EventLoop = .shared,
+                logger: Logger = Logger(label: "dflockd", factory: { _ in SwiftLogNoOpLogHandler() })) throws(LockError) {
         let servers = servers ?? [("127.0.0.1", 6388)]
         guard !servers.isEmpty else {
             throw .invalidArgument(name: "servers", reason: "must name at least one (host, port)")
@@ -118,8 +130,10 @@ public final class LockSession: @unchecked Sendable {
             throw .invalidArgument(name: "connectionsPerServer", reason: "must be 1...1024, got \(connectionsPerServer)")
         }
         let configuration = try ConnectionOptions(tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs,
-                                                  socketTimeoutMs: socketTimeoutMs).validated()
+                                                  socketTimeoutMs: socketTimeoutMs, logger: logger).validated()
         self.loop = loop
+        self.logger = logger
+        self.metrics = configuration.metrics ?? .current
         self.endpoints = servers.map { Endpoint(host: $0.0, port: $0.1) }
         self.shardingStrategy = shardingStrategy
         self.connectionsPerServer = connectionsPerServer
@@ -143,10 +157,12 @@ public final class LockSession: @unchecked Sendable {
     /// safe from any thread.
     public func close() {
         guard !isClosed.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        loop.runOnLoop { [self] in
+        // `run()` returns once the locks are closed (or the loop is gone).
+        loop.runOnLoop(ifShutDown: { [lifecycle] in lifecycle.markClosed() }) { [self] in
             let leases = registry.withLock { registry in registry.values.compactMap(\.lease) }
             for lease in leases { lease.closeForSession() }
             for index in channels.indices { perform(channels[index].machine.handle(.closeRequested), on: index) }
+            lifecycle.markClosed()
         }
     }
 
@@ -164,6 +180,11 @@ public final class LockSession: @unchecked Sendable {
 
     func register(_ lease: DistributedLease) {
         registry.withLock { $0[ObjectIdentifier(lease)] = WeakLease(lease: lease) }
+    }
+
+    /// Every lock placed on the session that still exists. Any thread.
+    var placedLeases: [DistributedLease] {
+        registry.withLock { registry in registry.values.compactMap(\.lease) }
     }
 
     func unregister(_ identifier: ObjectIdentifier) {
@@ -203,6 +224,12 @@ public final class LockSession: @unchecked Sendable {
         for action in actions {
             switch action {
             case .open(let generation):
+                if let reason = channels[index].lastFailure {
+                    channels[index].lastFailure = nil
+                    metrics.reconnects.increment()
+                    logger.info("reconnecting shared connection", metadata: [
+                        LogField.server: .string(channels[index].endpoint.description), LogField.reason: .string(reason)])
+                }
                 open(index, generation: generation)
             case .admit(let admitted):
                 guard let connection = channels[index].connection else { continue }
@@ -211,11 +238,22 @@ public final class LockSession: @unchecked Sendable {
                     entry.lease?.sharedConnectionReady(entry.session, connection: connection)
                 }
             case .reject(let rejected, let error):
+                if !rejected.isEmpty, error != .sessionClosed {
+                    logger.info("shared connection unavailable; backing off", metadata: [
+                        LogField.server: .string(channels[index].endpoint.description), LogField.reason: .string(Redaction.error(error)),
+                        "dflockd.calls_failed": .stringConvertible(rejected.count)])
+                }
                 for member in rejected {
                     guard let entry = members.removeValue(forKey: member) else { continue }
                     entry.lease?.sharedConnectionFailed(entry.session, error: error)
                 }
             case .lost(let lost, let error):
+                if !lost.isEmpty {
+                    logger.warning("shared connection lost with the locks held on it", metadata: [
+                        LogField.server: .string(channels[index].endpoint.description), LogField.reason: .string(Redaction.error(error)),
+                        "dflockd.locks_lost": .stringConvertible(lost.count),
+                        "dflockd.keys": .string(lost.prefix(20).compactMap { members[$0]?.lease?.key }.joined(separator: ","))])
+                }
                 for member in lost {
                     guard let entry = members.removeValue(forKey: member) else { continue }
                     entry.lease?.sharedConnectionFailed(entry.session, error: error)
@@ -247,6 +285,7 @@ public final class LockSession: @unchecked Sendable {
 
     fileprivate func channelEnded(_ index: Int, generation: SharedConnectionMachine.Generation, error: LockError) {
         let channel = channels[index]
+        channel.lastFailure = Redaction.error(error)
         let actions = channel.machine.handle(.ended(generation, error, nowMs: loop.nowMs, random: random.next()))
         if channel.machine.generation == generation, channel.observer?.generation == generation {
             channel.connection = nil

@@ -1,4 +1,5 @@
 import DequeModule
+import Logging
 
 /// What a connection tells its owner when it ends by itself.
 protocol ConnectionDelegate: AnyObject {
@@ -52,6 +53,8 @@ public final class Connection: @unchecked Sendable {
     /// Keeps the connection alive while replies are owed or `connect` waiters wait, so every
     /// completion handler runs even if the caller dropped its reference.
     private var selfWhileBusy: Connection?
+    /// What has been logged and counted of this connection's life (see ``ConnectionTelemetry``).
+    private var telemetry: ConnectionTelemetry
     /// A gathered flush is queued for the end of this turn.
     private var flushQueued = false
     /// Close as soon as no reply is owed (``closeWhenAnswered()``).
@@ -74,6 +77,11 @@ public final class Connection: @unchecked Sendable {
         var requestTimeoutMs: Int = Connection.defaultRequestTimeoutMs
         /// Added to a blocking request's own timeout for its deadline.
         var blockingGraceMs: Int = Connection.defaultBlockingGraceMs
+        /// Where the connection logs; a lock's connections log to the lock's logger.
+        var logger: Logger = .disabled
+        /// The metrics set of the lock or session that made this configuration (`nil`: the one
+        /// bootstrapped when the connection is made).
+        var metrics: DflockdMetrics? = nil
         /// Hold writes until the end of the loop's turn, so that every request issued in one
         /// turn (by many timers, replies, or queued calls) leaves in one write: for
         /// connections shared by many locks.
@@ -120,6 +128,10 @@ public final class Connection: @unchecked Sendable {
     ///   - blockingGraceMs: Added to a blocking request's own timeout for its deadline
     ///     (default 5 s).
     ///   - loop: The loop to run on.
+    ///   - logger: Where the connection logs (swift-log): connect failures and an unasked-for
+    ///     end at `info`/`notice`, connecting and closing at `debug`, each request and reply at
+    ///     `trace`. The auth secret is never logged, tokens only by a prefix. The default logs
+    ///     nothing.
     /// - Throws: ``LockError/invalidArgument(name:reason:)`` for a bad port, secret or timeout,
     ///   or a TLS file that cannot be used (named as `tls.caFile`, `tls.certificateFile`, …).
     public convenience init(host: String = "127.0.0.1",
@@ -131,7 +143,8 @@ public final class Connection: @unchecked Sendable {
                 keepAliveMs: Int? = nil,
                 requestTimeoutMs: Int = Connection.defaultRequestTimeoutMs,
                 blockingGraceMs: Int = Connection.defaultBlockingGraceMs,
-                loop: EventLoop = .shared) throws(LockError) {
+                loop: EventLoop = .shared,
+                logger: Logger = Logger(label: "dflockd", factory: { _ in SwiftLogNoOpLogHandler() })) throws(LockError) {
         try Self.validate(host: host, port: port)
         if let auth { try Validation.secret(auth) }
         // Loads the files TLS needs (once per distinct options), so a missing CA file or key is
@@ -147,7 +160,8 @@ public final class Connection: @unchecked Sendable {
         self.init(endpoint: Endpoint(host: host, port: port),
                   configuration: Configuration(tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs,
                                                tlsContext: tlsContext, keepAliveMs: keepAliveMs,
-                                               requestTimeoutMs: requestTimeoutMs, blockingGraceMs: blockingGraceMs),
+                                               requestTimeoutMs: requestTimeoutMs, blockingGraceMs: blockingGraceMs,
+                                               logger: logger),
                   loop: loop)
     }
 
@@ -156,6 +170,8 @@ public final class Connection: @unchecked Sendable {
         self.endpoint = endpoint
         self.loop = loop
         self.configuration = configuration
+        telemetry = ConnectionTelemetry(endpoint: endpoint, logger: configuration.logger,
+                                        metrics: configuration.metrics ?? DflockdMetrics.current)
         // Validated by the public initializers already; checked again so that no path can
         // connect without the auth it was configured with. A secret that cannot be sent fails
         // the first request.
@@ -173,6 +189,7 @@ public final class Connection: @unchecked Sendable {
     }
 
     deinit {
+        telemetry.released()
         let identifier = ObjectIdentifier(self)
         let (loop, timer, transport) = (self.loop, self.timer, self.transport)
         guard timer != nil || transport != nil else { return }
@@ -227,6 +244,7 @@ public final class Connection: @unchecked Sendable {
     /// returns. Loop thread only.
     func send(_ request: Request, completion: @escaping Completion) {
         loop.assertInLoop()
+        let completion = telemetry.tracing(request, completion: completion, nowMs: loop.nowMs)
         step(fromCaller: true) { core, now, actions in core.send(request, completion: completion, nowMs: now, into: &actions) }
     }
 
@@ -293,6 +311,7 @@ public final class Connection: @unchecked Sendable {
     private func perform(_ action: ConnectionCore<Completion>.Action) {
         switch action {
         case .startTransport:
+            telemetry.connecting(tls: configuration.tls != nil, auth: configuration.auth != nil)
             startTransport()
         case .closeTransport:
             loop.unregister(self)
@@ -301,8 +320,10 @@ public final class Connection: @unchecked Sendable {
         case .complete(let completion, let result):
             completion(result)
         case .ready:
+            telemetry.ready(nowMs: loop.nowMs)
             finishConnecting(.success(()))
         case .ended(let error, let notifyOwner):
+            telemetry.ended(error, byItself: notifyOwner, nowMs: loop.nowMs)
             timer?.close()
             timer = nil
             timerDueMs = nil

@@ -356,7 +356,7 @@ final class BlackHoleProxy: Sendable {
                 }
                 _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
                 var one: Int32 = 1
-                _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+                _ = setsockopt(fd, SupportSocket.tcpLevel, TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
                 let id = core.shared.withLock { s -> Int in
                     s.accepted += 1
                     return s.accepted

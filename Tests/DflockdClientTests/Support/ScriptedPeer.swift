@@ -335,7 +335,7 @@ private final class PeerEngine: @unchecked Sendable {
             }
             for (fd, name) in s.connections.sorted(by: { $0.key < $1.key }) {
                 var buffer = [UInt8](repeating: 0, count: 4096)
-                let n = recv(fd, &buffer, buffer.count, Int32(MSG_PEEK | MSG_DONTWAIT))
+                let n = recv(fd, &buffer, buffer.count, SupportSocket.peekWithoutWaiting)
                 if n > 0 {
                     problems.append("connection \(name) received unscripted bytes after the last step: \(TestSupport.pythonBytes(buffer[..<n]))")
                 }
@@ -542,7 +542,7 @@ private final class PeerEngine: @unchecked Sendable {
     private func clientHasClosed(_ fd: Int32) -> Bool {
         guard SupportSocket.pollOne(fd, events: Int16(POLLIN), timeoutMilliseconds: 0) != 0 else { return false }
         var byte: UInt8 = 0
-        let n = recv(fd, &byte, 1, Int32(MSG_PEEK | MSG_DONTWAIT))
+        let n = recv(fd, &byte, 1, SupportSocket.peekWithoutWaiting)
         return n == 0 || (n < 0 && errno == ECONNRESET)
     }
 

@@ -153,6 +153,14 @@ extension Duration {
 /// Minimal POSIX socket helpers, 127.0.0.1 only. Every descriptor is close-on-exec so
 /// spawned servers never inherit a test's sockets.
 enum SupportSocket {
+    // With swift-service-lifecycle and swift-metrics in the test target, some of Glibc's
+    // enum-backed macros (IPPROTO_TCP, MSG_DONTWAIT) are no longer visible in every file that
+    // imports Glibc: their Linux values, spelled once here.
+    /// `IPPROTO_TCP`.
+    static let tcpLevel: Int32 = 6
+    /// `MSG_PEEK | MSG_DONTWAIT`.
+    static let peekWithoutWaiting: Int32 = 0x02 | 0x40
+
     static func errnoDescription(_ code: Int32 = errno) -> String {
         String(cString: strerror(code)) + " (errno \(code))"
     }
@@ -198,7 +206,7 @@ enum SupportSocket {
             throw TestSupportError("cannot connect to 127.0.0.1:\(port): \(errnoDescription(code))")
         }
         var one: Int32 = 1
-        _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        _ = setsockopt(fd, SupportSocket.tcpLevel, TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
         return fd
     }
 
