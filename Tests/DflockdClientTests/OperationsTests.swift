@@ -57,6 +57,47 @@ struct OperationsTests {
         #expect(all.contains { $0.level == .info && $0.message == "connect failed" } == false, "nothing failed to connect here")
     }
 
+    /// TLS from memory with an encrypted client key, on a session and on a lock of its own, with
+    /// auth, logged down to `trace`: no record, and no description of the options or of the
+    /// error a wrong password raises, carries the key's password or the auth secret.
+    @Test func tlsKeyPasswordAndSecretAppearInNoRecord() async throws {
+        let pki = try await offThePool { try TLSFixture.pki() }
+        let secret = "ops-tls-secret-\(UUID().uuidString)"
+        let server = try await RealServer.launch(.go, [.authToken(secret), .tls(certificate: pki.serverCertificate, key: pki.serverKey)])
+        let (logger, records) = RecordingLogHandler.logger(level: .trace)
+        let password = pki.clientKeyPassword
+        let tls = try TLSOptions(caPEM: pki.text(pki.caFile), certificatePEM: pki.text(pki.clientCertificate),
+                                 privateKeyPEM: pki.text(pki.clientKeyEncryptedPKCS8), privateKeyPassword: password)
+        #expect(!String(describing: tls).contains(password) && !String(reflecting: tls).contains(password))
+
+        let session = try LockSession(servers: [("localhost", server.port)], tls: tls, auth: secret,
+                                      connectTimeoutMs: 10_000, logger: logger)
+        defer { session.close() }
+        let onSession = try DistributedLock(key: "ops-tls-session", leaseTtlS: 2, session: session, logger: logger)
+        let ownConnection = try DistributedLock(key: "ops-tls-own", leaseTtlS: 2, servers: [("localhost", server.port)],
+                                                tls: tls, auth: secret, connectTimeoutMs: 10_000, logger: logger)
+        #expect(try await onSession.acquire())
+        #expect(try await ownConnection.acquire())
+        try await onSession.release()
+        try await ownConnection.release()
+
+        let wrongPassword = TLSOptions(caPEM: try pki.text(pki.caFile), certificatePEM: try pki.text(pki.clientCertificate),
+                                       privateKeyPEM: try pki.text(pki.clientKeyEncryptedPKCS8), privateKeyPassword: "not-\(password)")
+        do {
+            _ = try DistributedLock(key: "ops-tls-wrong", servers: [("localhost", server.port)], tls: wrongPassword, logger: logger)
+            Issue.record("a wrong key password was accepted")
+        } catch {
+            #expect(!String(describing: error).contains(password), "\(error)")
+        }
+
+        let all = records.entries.map(\.value)
+        #expect(all.contains { $0.metadata["dflockd.tls"] == "true" }, "no TLS connection logged")
+        for record in all {
+            #expect(!record.description.contains(password), "the key password in \(record)")
+            #expect(!record.description.contains(secret), "the auth secret in \(record)")
+        }
+    }
+
     /// Only what is enabled is formatted: at `warning`, a whole acquire/renew/release cycle
     /// produces no record and never evaluates a message.
     @Test func quietLoggerRecordsNothingOnAHealthyCycle() async throws {
