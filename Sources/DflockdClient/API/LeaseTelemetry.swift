@@ -62,6 +62,8 @@ struct LeaseTelemetry {
                     reconnects.increment()
                     logger.info("reconnecting", metadata: metadata([LogField.reason: .string(reason)]))
                 }
+            case .redirectSession(_, _, let leader):
+                logger.info("following a redirect to the cluster leader", metadata: metadata([LogField.leader: .string("\(leader)")]))
             case .complete(let call, let operation, let outcome):
                 completed(call, operation, outcome, machine: machine, nowMs: nowMs)
             case .reportLockLost(let token):

@@ -15,6 +15,8 @@ enum LogField {
     static let token = "dflockd.token_prefix"
     /// Why something ended, failed or was lost.
     static let reason = "dflockd.reason"
+    /// The cluster leader a follower's `error_not_leader` named, when the redirect is followed.
+    static let leader = "dflockd.leader"
     /// Lease seconds the server granted.
     static let leaseS = "dflockd.lease_s"
     /// Milliseconds from a loss to the lease's local deadline (negative: after it).
