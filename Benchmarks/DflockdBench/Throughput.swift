@@ -211,11 +211,7 @@ final class ThroughputBenchmark: @unchecked Sendable {
             }
             loop.execute { [self] in finish(with: outcomes) }
         }
-        if onLoopExecutor {
-            Task(executorPreference: loop) { await runWorkers() }
-        } else {
-            Task.detached { await runWorkers() }
-        }
+        launch(runWorkers, onLoopExecutor: onLoopExecutor)
     }
 
     /// Merges the async workers' latencies, or records the first failure, on the loop thread.
@@ -247,8 +243,13 @@ final class ThroughputBenchmark: @unchecked Sendable {
             }
             loop.execute { [self] in finish(with: outcomes) }
         }
+        launch(runWorkers, onLoopExecutor: onLoopExecutor)
+    }
+
+    /// Starts the async workers' parent task: preferring the loop's executor (`--api
+    /// async-loop`; child tasks inherit the preference) or on the global pool.
+    private func launch(_ runWorkers: @escaping @Sendable () async -> Void, onLoopExecutor: Bool) {
         if onLoopExecutor {
-            // Child tasks inherit the preference.
             Task(executorPreference: loop) { await runWorkers() }
         } else {
             Task.detached { await runWorkers() }
