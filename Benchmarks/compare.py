@@ -185,6 +185,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=30)
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of each client, interleaved; the table shows each figure's median")
+    parser.add_argument("--only", metavar="LABELS",
+                        help="comma-separated client labels (or their prefixes) to run; Go cmd/bench always runs "
+                             "first, as every ratio's base (e.g. 'swift callbacks,swift session')")
     parser.add_argument("--chart", help="write a PNG chart of throughput and CPU per op here")
     parser.add_argument("--table", help="also write the table (text) here")
     parser.add_argument("--data", help="also write every run's figures (JSON) here")
@@ -226,6 +229,13 @@ def main() -> int:
     clients.append(("python async", "json", [args.python, os.path.join(HERE, "python_bench.py"), *common]))
     if args.floor:
         clients.append(("C floor", "json", [args.floor, *common]))
+    if args.only:
+        wanted = [part.strip() for part in args.only.split(",") if part.strip()]
+        unknown = [want for want in wanted if not any(label.startswith(want) for label, _, _ in clients)]
+        if unknown:
+            sys.exit(f"compare: --only names no client: {', '.join(unknown)}; the clients are: "
+                     f"{', '.join(label for label, _, _ in clients)}")
+        clients = [clients[0]] + [client for client in clients[1:] if any(client[0].startswith(want) for want in wanted)]
     # Interleaved, each round starting with the next client, so that a change in the machine's
     # other load falls on every client alike.
     samples: dict[str, list[dict]] = {label: [] for label, _, _ in clients}
