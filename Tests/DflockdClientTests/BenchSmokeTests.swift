@@ -175,7 +175,7 @@ struct BenchSmokeTests {
         while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
         let exitStatus: Int32 = (status & 0x7F) == 0 ? (status >> 8) & 0xFF : 128 + (status & 0x7F)
         return Run(status: exitStatus,
-                   stdout: (try? String(contentsOfFile: stdoutPath, encoding: .utf8)) ?? "",
-                   stderr: (try? String(contentsOfFile: stderrPath, encoding: .utf8)) ?? "")
+                   stdout: TestSupport.readTextFile(stdoutPath) ?? "",
+                   stderr: TestSupport.readTextFile(stderrPath) ?? "")
     }
 }

@@ -267,7 +267,7 @@ struct ExampleRun: CustomStringConvertible {
             if ContinuousClock.now - started > timeout {
                 kill(pid, SIGKILL)
                 while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-                let output = (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? ""
+                let output = TestSupport.readTextFile(outputPath) ?? ""
                 throw TestSupportError("""
                     example \(name) \(arguments.joined(separator: " ")) did not finish within \(timeout.supportDescription) \
                     (killed it). Its output so far (stdout is block-buffered when not a terminal, so it may be incomplete):
@@ -277,7 +277,7 @@ struct ExampleRun: CustomStringConvertible {
             try await Task.sleep(for: .milliseconds(20))
         }
         let duration = ContinuousClock.now - started
-        let output = (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? "(no output file)"
+        let output = TestSupport.readTextFile(outputPath) ?? "(no output file)"
         // Exited normally: the status; killed by a signal: 128 + signal, as a shell shows it.
         let exitStatus = status & 0x7F == 0 ? (status >> 8) & 0xFF : 128 + (status & 0x7F)
         let run = ExampleRun(name: name, arguments: arguments, status: exitStatus, output: output, duration: duration)
@@ -310,7 +310,7 @@ struct RunningExample: Sendable {
         return RunningExample(name: name, arguments: arguments, pid: pid, outputPath: outputPath, started: .now)
     }
 
-    var output: String { (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? "" }
+    var output: String { TestSupport.readTextFile(outputPath) ?? "" }
 
     /// Polls the output file (the example writes line by line) until it contains `fragment`.
     func waitForOutput(containing fragment: String, timeout: Duration) async throws {
