@@ -35,8 +35,11 @@ public class DistributedLease: @unchecked Sendable {
     private var sharedMember: SharedConnectionMachine.Member?
     /// Renewals and the local lease deadline share this one timer, made on first use in a
     /// session and closed with it; `timerSession` is the session it was last scheduled for.
+    /// A lock on a ``LockSession`` uses the session's ``TickTimers`` instead, its live entry
+    /// named by `tickTimerGeneration`.
     private var leaseTimer: LoopTimer?
     private var timerSession: LeaseMachine.Session = 0
+    private(set) var tickTimerGeneration: UInt32 = 0
     /// The completion of every call the machine has not completed yet.
     private var completions: [LeaseMachine.CallID: PendingCompletion] = [:]
     /// Set while a completion is owed, so that it runs even if the caller let go.
@@ -307,6 +310,7 @@ public class DistributedLease: @unchecked Sendable {
             closing?.close()
             leaseTimer?.close()
             leaseTimer = nil
+            tickTimerGeneration &+= 1
         case .redirectSession(_, let session, let server):
             // Only the connection changes: the lease timer, if scheduled, goes on for the new
             // session.
@@ -326,15 +330,17 @@ public class DistributedLease: @unchecked Sendable {
             connection = nil
             if let member = sharedMember { settings.session?.detach(member) }
             sharedMember = nil
-            // Kept for the next acquire: a lock on a session takes and frees keys often and
-            // cheaply; its timer closes with the lock.
-            leaseTimer?.cancel()
+            tickTimerGeneration &+= 1
         case .releaseUnanswered(_, let token):
             if let request = try? settings.request(for: .release(token: token)) {
                 settings.session?.sendUnanswered(request, channel: settings.channel)
             }
         case .send(let session, let outgoing):
             send(outgoing, session: session)
+        case .scheduleTimer(let session, let milliseconds) where settings.session != nil:
+            timerSession = session
+            tickTimerGeneration &+= 1
+            settings.session?.leaseTimers.schedule(self, generation: tickTimerGeneration, afterMilliseconds: milliseconds)
         case .scheduleTimer(let session, let milliseconds):
             let timer = leaseTimer ?? LoopTimer(loop: loop) { [weak self] in
                 guard let self else { return }
@@ -346,6 +352,7 @@ public class DistributedLease: @unchecked Sendable {
             timer.schedule(afterMilliseconds: milliseconds)
         case .cancelTimer:
             leaseTimer?.cancel()
+            tickTimerGeneration &+= 1
         case .complete(let call, _, let outcome):
             guard let completion = completions.removeValue(forKey: call) else {
                 assertionFailure("\(key): a completion for unknown call \(call)")
@@ -468,9 +475,15 @@ private final class SessionObserver: ConnectionDelegate {
     }
 }
 
-extension DistributedLease {
+extension DistributedLease: TickTimerOwner {
     fileprivate func connectionEnded(session: LeaseMachine.Session, error: LockError) {
         drive(.failed(session, nil, error))
+    }
+
+    /// The session's ``TickTimers`` fired this lock's live timer. Loop thread.
+    func tickTimerFired() {
+        uv_update_time(loop.raw)
+        drive(.timerFired(timerSession, nowMs: uv_now(loop.raw)))
     }
 
     /// The session's shared connection is open for this lock's `session`. Loop thread.

@@ -53,6 +53,8 @@ public final class LockSession: @unchecked Sendable {
     private let sharedConfiguration: Connection.Configuration
     let logger: Logger
     private let metrics: DflockdMetrics
+    /// The lease timers of every lock on the session, on one libuv timer. Loop-confined.
+    let leaseTimers: TickTimers<DistributedLease>
     /// Run and graceful shutdown under swift-service-lifecycle (LockSession+Service.swift).
     let lifecycle = SessionLifecycle()
 
@@ -141,13 +143,17 @@ public final class LockSession: @unchecked Sendable {
         var shared = configuration
         shared.gathersWrites = true
         self.sharedConfiguration = shared
+        self.leaseTimers = TickTimers(loop: loop)
         self.channels = endpoints.flatMap { endpoint in (0..<connectionsPerServer).map { _ in Channel(endpoint: endpoint) } }
     }
 
     deinit {
         let connections = channels.compactMap(\.connection)
-        guard !connections.isEmpty else { return }
-        loop.runOnLoop { for connection in connections { connection.closeWhenAnswered() } }
+        let timers = UncheckedSendable(leaseTimers)
+        loop.runOnLoop {
+            for connection in connections { connection.closeWhenAnswered() }
+            timers.value.close()
+        }
     }
 
     /// Closes every lock of the session as ``DistributedLease/close()`` does (held keys are
