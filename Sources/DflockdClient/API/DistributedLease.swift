@@ -480,6 +480,14 @@ extension DistributedLease: TickTimerOwner {
         drive(.failed(session, nil, error))
     }
 
+    /// The session's shared connection has been silent too long: renew now, if this lock holds
+    /// through it (the machine decides). Whether the lock holds there. Loop thread.
+    func renewForSilentConnection() -> Bool {
+        guard machine.route == .shared, machine.holding != nil else { return false }
+        drive(.renewalRequested(machine.session, nowMs: loop.nowMs))
+        return true
+    }
+
     /// The session's ``TickTimers`` fired this lock's live timer. Loop thread.
     func tickTimerFired() {
         uv_update_time(loop.raw)

@@ -137,7 +137,7 @@ struct LeaseTelemetry {
         let reason: LossReason
         let detail: String
         switch event {
-        case .timerFired:
+        case .timerFired, .renewalRequested:
             reason = .deadline
             detail = "no renewal was answered before the lease's local deadline"
         case .failed(_, let request, let error):
