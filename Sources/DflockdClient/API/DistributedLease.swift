@@ -53,6 +53,9 @@ public class DistributedLease: @unchecked Sendable {
     private var deliveries: [() -> Void] = []
 
     private let published: ThreadLock<Published>
+    /// The local lease deadline (loop clock, ms; `UInt64.max`: nothing held), apart from the
+    /// rest so that a renewal, which moves only the deadline, publishes without a lock.
+    private let publishedDeadlineMs = Atomic<UInt64>(.max)
     /// Logs and metrics of the machine's steps. Loop-confined.
     private var telemetry: LeaseTelemetry
 
@@ -63,7 +66,6 @@ public class DistributedLease: @unchecked Sendable {
         var state = LockState.idle
         var token: String?
         var lease = 0
-        var deadlineMs: UInt64?
     }
 
     private enum PendingCompletion {
@@ -136,7 +138,8 @@ public class DistributedLease: @unchecked Sendable {
     /// zero without a renewal having moved it, the lock is declared lost (`onLockLost`) before
     /// the server can grant it elsewhere.
     public var leaseRemaining: Duration? {
-        guard let deadlineMs = published.withLock({ $0.deadlineMs }) else { return nil }
+        let deadlineMs = publishedDeadlineMs.load(ordering: .acquiring)
+        guard deadlineMs != .max else { return nil }
         let nowMs = uv_hrtime() / 1_000_000
         return deadlineMs > nowMs ? .milliseconds(Int64(deadlineMs - nowMs)) : .zero
     }
@@ -272,16 +275,13 @@ public class DistributedLease: @unchecked Sendable {
     /// resumed by one sees the state that completed it. The results of a caller's call are
     /// delivered on a later turn (`deliverLater`), never inside that call.
     private func drive(_ event: LeaseMachine.Event, deliverLater: Bool = false) {
-        eventQueue.append(event)
-        guard !isDraining else { return }
-        isDraining = true
-        while !eventQueue.isEmpty {
-            let next = eventQueue.removeFirst()
-            let before = telemetry.before(machine)
-            let actions = machine.handle(next)
-            telemetry.observe(next, before: before, actions: actions, after: machine, nowMs: loop.nowMs)
-            for action in actions { perform(action) }
+        guard !isDraining else {
+            eventQueue.append(event)
+            return
         }
+        isDraining = true
+        step(event)
+        while !eventQueue.isEmpty { step(eventQueue.removeFirst()) }
         isDraining = false
         publish()
         let wasBusy = selfWhileBusy
@@ -295,6 +295,13 @@ public class DistributedLease: @unchecked Sendable {
         } else {
             for delivery in ready { delivery() }
         }
+    }
+
+    private func step(_ event: LeaseMachine.Event) {
+        let before = telemetry.before(machine)
+        let actions = machine.handle(event)
+        telemetry.observe(event, before: before, actions: actions, after: machine, nowMs: loop.nowMs)
+        for action in actions { perform(action) }
     }
 
     private func perform(_ action: LeaseMachine.Action) {
@@ -433,15 +440,19 @@ public class DistributedLease: @unchecked Sendable {
         }
     }
 
+    /// Publishes the state for other threads. The deadline first: a reader that sees `.held`
+    /// under the lock then sees the deadline of that grant too.
     private func publish() {
-        let state = machine.publicState
         let holding = machine.holding
-        published.withLock { published in
-            published.state = state
-            published.token = holding?.grant.token
-            if let holding { published.lease = holding.leaseS }
-            published.deadlineMs = holding?.deadlineMs
-        }
+        publishedDeadlineMs.store(holding?.deadlineMs ?? .max, ordering: .releasing)
+        var next = published.valueForItsOnlyWriter()
+        let unchanged = next.state == machine.publicState && next.token == holding?.grant.token
+            && (holding == nil || next.lease == holding?.leaseS)
+        guard !unchanged else { return }
+        next.state = machine.publicState
+        next.token = holding?.grant.token
+        if let holding { next.lease = holding.leaseS }
+        published.withLock { $0 = next }
     }
 
     /// Runs a completion-handler call as an async call, through the loop's bridge (no hop when

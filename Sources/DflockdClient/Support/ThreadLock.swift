@@ -28,6 +28,13 @@ struct ThreadLock<Value>: @unchecked Sendable {
         }
     }
 
+    /// The value without taking the lock: only for the one thread that ever writes it (the
+    /// loop thread, deciding whether a write is needed at all). Reads on other threads take
+    /// the lock, and reads do not race with reads.
+    func valueForItsOnlyWriter() -> Value {
+        storage.header
+    }
+
     /// The value as the header, the mutex as the one element.
     private final class Storage: ManagedBuffer<Value, pthread_mutex_t> {
         deinit {
