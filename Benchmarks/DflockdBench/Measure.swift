@@ -1,3 +1,5 @@
+import DflockdClient
+import Dispatch
 import Glibc
 import Histogram
 import Synchronization
@@ -25,6 +27,32 @@ struct CPUTime {
 
     static func - (lhs: CPUTime, rhs: CPUTime) -> CPUTime {
         CPUTime(userS: lhs.userS - rhs.userS, systemS: lhs.systemS - rhs.systemS)
+    }
+}
+
+/// The CPU time of one thread of this process (user + system), by its pthread CPU clock.
+struct ThreadCPUClock: @unchecked Sendable {
+    private let clock: clockid_t
+
+    /// The clock of the thread `loop` runs on (asked on that thread).
+    init?(of loop: EventLoop) {
+        let thread = Mutex<pthread_t?>(nil)
+        let asked = DispatchSemaphore(value: 0)
+        loop.execute {
+            thread.withLock { $0 = pthread_self() }
+            asked.signal()
+        }
+        asked.wait()
+        var clock = clockid_t()
+        guard let pthread = thread.withLock({ $0 }), pthread_getcpuclockid(pthread, &clock) == 0 else { return nil }
+        self.clock = clock
+    }
+
+    /// Seconds of CPU the thread has used so far.
+    var seconds: Double {
+        var time = timespec()
+        clock_gettime(clock, &time)
+        return Double(time.tv_sec) + Double(time.tv_nsec) / 1e9
     }
 }
 

@@ -97,7 +97,8 @@ extension HoldersBenchmark.Result {
             "  renewals failed     : \(failedDuringHold) during the hold; \(failedLocks) by the end of the server check "
                 + "(onLockLost calls \(lockLostCalls), seen not held or with another token \(seenLost), free at the server \(serverNotHeld))",
             "  server answer time  : \(rttSummary) (one request a second from another connection during the hold)",
-            "  CPU per renewal     : \(cpuPerRenewalUs.map { formatted($0, decimals: 2) + " us" } ?? "n/a") (user \(formatted(holdCPU.userS))s + sys \(formatted(holdCPU.systemS))s during the hold)",
+            "  CPU per renewal     : \(cpuPerRenewalUs.map { formatted($0, decimals: 2) + " us" } ?? "n/a") (user \(formatted(holdCPU.userS))s + sys \(formatted(holdCPU.systemS))s during the hold, whole process); "
+                + "loop thread \(loopCPUPerRenewalUs.map { formatted($0, decimals: 2) + " us" } ?? "n/a") (\(holdLoopCPUS.map { formatted($0) + "s" } ?? "n/a"))",
             "  RSS per held lock   : \(formatted(rssPerLockBytes, decimals: 0)) B (/proc/self/statm: \(mib(baselineRSS)) before creating locks, \(mib(heldRSS)) with all held, \(mib(afterHoldRSS)) after the hold)",
             "  peak RSS            : \(peakRSSKiB) KiB",
         ]
@@ -135,6 +136,7 @@ extension HoldersBenchmark.Result {
         object.add("hold_cpu_user_s", holdCPU.userS, decimals: 6)
         object.add("hold_cpu_sys_s", holdCPU.systemS, decimals: 6)
         object.add("cpu_us_per_renewal", cpuPerRenewalUs ?? .nan)
+        object.add("loop_cpu_us_per_renewal", loopCPUPerRenewalUs ?? .nan)
         object.add("rss_baseline_bytes", baselineRSS)
         object.add("rss_held_bytes", heldRSS)
         object.add("rss_after_hold_bytes", afterHoldRSS)

@@ -220,6 +220,15 @@ struct ConnectionCoreTests {
         #expect(actions == ["closeTransport", "2: \(error)", "ended(\(error), notify: true)"])
     }
 
+    @Test("a try (timeout 0) does not block on the server: a plain request's 10 s, not 0 s plus the 5 s grace")
+    func tryDeadline() {
+        var driver = Driver()
+        _ = driver.connected()
+        _ = driver.send(Self.acquire("a", 0), 1)
+        #expect(driver.deadline == 1_000 + 10_000)
+        #expect(driver.fire(at: 6_000) == [])
+    }
+
     @Test("a request behind a longer one inherits its deadline")
     func inheritedDeadline() {
         var driver = Driver()

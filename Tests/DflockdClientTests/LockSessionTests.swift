@@ -24,6 +24,50 @@ struct LockSessionTests {
         return condition()
     }
 
+    /// A session's locks renew by their ratio alone (a 60 s lease: every 30 s); what keeps a
+    /// shared connection from the server's read timeout (3 s here) is the session's idle check,
+    /// shortened to 1 s for the test: a connection silent that long has one held lock renew.
+    @Test("a shared connection holding 60 s leases stays open on a server with --read-timeout 3", arguments: ServerKind.allCases)
+    func idleCheckKeepsTheSharedConnectionOpen(on kind: ServerKind) async throws {
+        let server = try await SharedServers.readTimeout3(kind)
+        let session = try LockSession(servers: [("127.0.0.1", server.port)])
+        session.idleCheckMs = 1000
+        defer { session.close() }
+        let losses = LossLog()
+        let locks = try (0..<3).map { try DistributedLock(key: "idle-session-\($0)", acquireTimeoutS: 5, leaseTtlS: 60,
+                                                          onLockLost: losses.handler, session: session) }
+        for lock in locks { #expect(try await lock.acquire()) }
+        let tokens = locks.map(\.token)
+        // Eight seconds: more than twice the read timeout, far less than a renewal period.
+        for _ in 0..<8 {
+            try await Task.sleep(for: .seconds(1))
+            #expect(losses.total == 0)
+            #expect(locks.allSatisfy { $0.state == .held })
+        }
+        #expect(locks.map(\.token) == tokens)
+        for index in locks.indices {
+            #expect(try await offThread { try isHeld("idle-session-\(index)", port: server.port) })
+        }
+        for lock in locks { try await lock.release() }
+    }
+
+    /// The same without the idle check (60 s between checks): the shared connection goes
+    /// silent, the server drops it, and every lock on it is lost, so the test above can fail.
+    @Test("without the idle check the read timeout ends the shared connection and its locks", arguments: ServerKind.allCases)
+    func withoutTheIdleCheckTheReadTimeoutWins(on kind: ServerKind) async throws {
+        let server = try await SharedServers.readTimeout3(kind)
+        let session = try LockSession(servers: [("127.0.0.1", server.port)])
+        session.idleCheckMs = 60_000
+        defer { session.close() }
+        let losses = LossLog()
+        let locks = try (0..<3).map { try DistributedLock(key: "idle-unchecked-\($0)", acquireTimeoutS: 5, leaseTtlS: 60,
+                                                          onLockLost: losses.handler, session: session) }
+        for lock in locks { #expect(try await lock.acquire()) }
+        #expect(try await eventually(10) { losses.total == 3 }, "lost: \(losses.counts)")
+        #expect(losses.counts.values.allSatisfy { $0 == 1 }, "each lock lost once: \(losses.counts)")
+        #expect(locks.allSatisfy { $0.state == .closed })
+    }
+
     @Test(arguments: ServerKind.allCases)
     func manyLocksShareOneConnectionAndRenewWithUnchangedTokens(on kind: ServerKind) async throws {
         let server = try await RealServer.launch(kind)

@@ -35,8 +35,11 @@ public class DistributedLease: @unchecked Sendable {
     private var sharedMember: SharedConnectionMachine.Member?
     /// Renewals and the local lease deadline share this one timer, made on first use in a
     /// session and closed with it; `timerSession` is the session it was last scheduled for.
+    /// A lock on a ``LockSession`` uses the session's ``TickTimers`` instead, its live entry
+    /// named by `tickTimerGeneration`.
     private var leaseTimer: LoopTimer?
     private var timerSession: LeaseMachine.Session = 0
+    private(set) var tickTimerGeneration: UInt32 = 0
     /// The completion of every call the machine has not completed yet.
     private var completions: [LeaseMachine.CallID: PendingCompletion] = [:]
     /// Set while a completion is owed, so that it runs even if the caller let go.
@@ -50,6 +53,9 @@ public class DistributedLease: @unchecked Sendable {
     private var deliveries: [() -> Void] = []
 
     private let published: ThreadLock<Published>
+    /// The local lease deadline (loop clock, ms; `UInt64.max`: nothing held), apart from the
+    /// rest so that a renewal, which moves only the deadline, publishes without a lock.
+    private let publishedDeadlineMs = Atomic<UInt64>(.max)
     /// Logs and metrics of the machine's steps. Loop-confined.
     private var telemetry: LeaseTelemetry
 
@@ -60,7 +66,6 @@ public class DistributedLease: @unchecked Sendable {
         var state = LockState.idle
         var token: String?
         var lease = 0
-        var deadlineMs: UInt64?
     }
 
     private enum PendingCompletion {
@@ -133,7 +138,8 @@ public class DistributedLease: @unchecked Sendable {
     /// zero without a renewal having moved it, the lock is declared lost (`onLockLost`) before
     /// the server can grant it elsewhere.
     public var leaseRemaining: Duration? {
-        guard let deadlineMs = published.withLock({ $0.deadlineMs }) else { return nil }
+        let deadlineMs = publishedDeadlineMs.load(ordering: .acquiring)
+        guard deadlineMs != .max else { return nil }
         let nowMs = uv_hrtime() / 1_000_000
         return deadlineMs > nowMs ? .milliseconds(Int64(deadlineMs - nowMs)) : .zero
     }
@@ -269,16 +275,13 @@ public class DistributedLease: @unchecked Sendable {
     /// resumed by one sees the state that completed it. The results of a caller's call are
     /// delivered on a later turn (`deliverLater`), never inside that call.
     private func drive(_ event: LeaseMachine.Event, deliverLater: Bool = false) {
-        eventQueue.append(event)
-        guard !isDraining else { return }
-        isDraining = true
-        while !eventQueue.isEmpty {
-            let next = eventQueue.removeFirst()
-            let before = telemetry.before(machine)
-            let actions = machine.handle(next)
-            telemetry.observe(next, before: before, actions: actions, after: machine, nowMs: loop.nowMs)
-            for action in actions { perform(action) }
+        guard !isDraining else {
+            eventQueue.append(event)
+            return
         }
+        isDraining = true
+        step(event)
+        while !eventQueue.isEmpty { step(eventQueue.removeFirst()) }
         isDraining = false
         publish()
         let wasBusy = selfWhileBusy
@@ -294,6 +297,13 @@ public class DistributedLease: @unchecked Sendable {
         }
     }
 
+    private func step(_ event: LeaseMachine.Event) {
+        let before = telemetry.before(machine)
+        let actions = machine.handle(event)
+        telemetry.observe(event, before: before, actions: actions, after: machine, nowMs: loop.nowMs)
+        for action in actions { perform(action) }
+    }
+
     private func perform(_ action: LeaseMachine.Action) {
         switch action {
         case .openConnection(let session):
@@ -307,6 +317,7 @@ public class DistributedLease: @unchecked Sendable {
             closing?.close()
             leaseTimer?.close()
             leaseTimer = nil
+            tickTimerGeneration &+= 1
         case .redirectSession(_, let session, let server):
             // Only the connection changes: the lease timer, if scheduled, goes on for the new
             // session.
@@ -326,15 +337,17 @@ public class DistributedLease: @unchecked Sendable {
             connection = nil
             if let member = sharedMember { settings.session?.detach(member) }
             sharedMember = nil
-            // Kept for the next acquire: a lock on a session takes and frees keys often and
-            // cheaply; its timer closes with the lock.
-            leaseTimer?.cancel()
+            tickTimerGeneration &+= 1
         case .releaseUnanswered(_, let token):
             if let request = try? settings.request(for: .release(token: token)) {
                 settings.session?.sendUnanswered(request, channel: settings.channel)
             }
         case .send(let session, let outgoing):
             send(outgoing, session: session)
+        case .scheduleTimer(let session, let milliseconds) where settings.session != nil:
+            timerSession = session
+            tickTimerGeneration &+= 1
+            settings.session?.leaseTimers.schedule(self, generation: tickTimerGeneration, afterMilliseconds: milliseconds)
         case .scheduleTimer(let session, let milliseconds):
             let timer = leaseTimer ?? LoopTimer(loop: loop) { [weak self] in
                 guard let self else { return }
@@ -346,6 +359,7 @@ public class DistributedLease: @unchecked Sendable {
             timer.schedule(afterMilliseconds: milliseconds)
         case .cancelTimer:
             leaseTimer?.cancel()
+            tickTimerGeneration &+= 1
         case .complete(let call, _, let outcome):
             guard let completion = completions.removeValue(forKey: call) else {
                 assertionFailure("\(key): a completion for unknown call \(call)")
@@ -426,15 +440,19 @@ public class DistributedLease: @unchecked Sendable {
         }
     }
 
+    /// Publishes the state for other threads. The deadline first: a reader that sees `.held`
+    /// under the lock then sees the deadline of that grant too.
     private func publish() {
-        let state = machine.publicState
         let holding = machine.holding
-        published.withLock { published in
-            published.state = state
-            published.token = holding?.grant.token
-            if let holding { published.lease = holding.leaseS }
-            published.deadlineMs = holding?.deadlineMs
-        }
+        publishedDeadlineMs.store(holding?.deadlineMs ?? .max, ordering: .releasing)
+        var next = published.valueForItsOnlyWriter()
+        let unchanged = next.state == machine.publicState && next.token == holding?.grant.token
+            && (holding == nil || next.lease == holding?.leaseS)
+        guard !unchanged else { return }
+        next.state = machine.publicState
+        next.token = holding?.grant.token
+        if let holding { next.lease = holding.leaseS }
+        published.withLock { $0 = next }
     }
 
     /// Runs a completion-handler call as an async call, through the loop's bridge (no hop when
@@ -468,9 +486,23 @@ private final class SessionObserver: ConnectionDelegate {
     }
 }
 
-extension DistributedLease {
+extension DistributedLease: TickTimerOwner {
     fileprivate func connectionEnded(session: LeaseMachine.Session, error: LockError) {
         drive(.failed(session, nil, error))
+    }
+
+    /// The session's shared connection has been silent too long: renew now, if this lock holds
+    /// through it (the machine decides). Whether the lock holds there. Loop thread.
+    func renewForSilentConnection() -> Bool {
+        guard machine.route == .shared, machine.holding != nil else { return false }
+        drive(.renewalRequested(machine.session, nowMs: loop.nowMs))
+        return true
+    }
+
+    /// The session's ``TickTimers`` fired this lock's live timer. Loop thread.
+    func tickTimerFired() {
+        uv_update_time(loop.raw)
+        drive(.timerFired(timerSession, nowMs: uv_now(loop.raw)))
     }
 
     /// The session's shared connection is open for this lock's `session`. Loop thread.

@@ -2,7 +2,11 @@ import Logging
 
 /// The validated options of a lock or semaphore (from ``LeaseOptions``), and the commands that
 /// speak for it.
-struct LeaseSettings: Sendable {
+///
+/// A class, so that the lock and its telemetry share one copy: with 100,000 locks on a
+/// session, every byte per lock counts (a lock on a session keeps no connection options of its
+/// own; it takes the session's when it opens a connection).
+final class LeaseSettings: Sendable {
     enum Kind: Sendable, Hashable {
         case lock
         case semaphore(limit: Int)
@@ -18,7 +22,8 @@ struct LeaseSettings: Sendable {
     let members: [Endpoint]
     let renewRatio: Double
     let maxIdleMs: Int?
-    let connection: Connection.Configuration
+    /// The connection options of a lock that is not on a session.
+    private let ownConnection: ConfigurationBox?
     let onLockLost: (@Sendable (String, String) -> Void)?
     let logger: Logger
     /// The process's metrics for this kind of lease, as bootstrapped when the lock was made.
@@ -53,7 +58,7 @@ struct LeaseSettings: Sendable {
         self.members = servers.map { Endpoint(host: $0.0, port: $0.1) }
         self.renewRatio = options.renewRatio
         self.maxIdleMs = options.maxIdleMs
-        self.connection = connection
+        self.ownConnection = ConfigurationBox(connection)
         self.onLockLost = options.onLockLost
         self.logger = options.logger
         self.metrics = Self.leaseMetrics(for: kind)
@@ -77,14 +82,39 @@ struct LeaseSettings: Sendable {
         self.members = session.endpoints
         self.renewRatio = options.renewRatio
         self.maxIdleMs = options.maxIdleMs
-        var connection = session.ownConfiguration
-        connection.logger = options.logger
-        self.connection = connection
+        self.ownConnection = nil
         self.onLockLost = options.onLockLost
         self.logger = options.logger
         self.metrics = Self.leaseMetrics(for: kind)
         self.session = session
         self.channel = placement.channel
+    }
+
+    /// The options of a connection the lock opens for itself: its own, or on a session the
+    /// session's, logging to the lock's logger.
+    var connection: Connection.Configuration {
+        if let ownConnection { return ownConnection.value }
+        guard let session else { preconditionFailure("LeaseSettings without connection options or a session") }
+        var connection = session.ownConfiguration
+        connection.logger = logger
+        return connection
+    }
+
+    /// The metrics set the lock's connections count in (`nil`: the one bootstrapped when each
+    /// connection is made).
+    var connectionMetrics: DflockdMetrics? {
+        ownConnection?.value.metrics ?? session?.ownConfiguration.metrics
+    }
+
+    /// `"lock"` or `"semaphore"`, for logs.
+    var kindName: String {
+        if case .lock = kind { return "lock" }
+        return "semaphore"
+    }
+
+    private final class ConfigurationBox: Sendable {
+        let value: Connection.Configuration
+        init(_ value: Connection.Configuration) { self.value = value }
     }
 
     private static func validateLease(_ kind: Kind, _ options: LeaseOptions) throws(LockError) {

@@ -9,12 +9,11 @@ import Logging
 /// when it was sent) at `warning`; a reconnect and an unconfirmed release at `notice`/`info`;
 /// outcomes and state changes at `debug`; renewals at `trace`.
 struct LeaseTelemetry {
-    private let logger: Logger
-    private let metrics: DflockdMetrics.Lease
+    /// The lock's settings (shared with it): its logger, metrics, key, kind and server.
+    private let settings: LeaseSettings
     private let reconnects: Counter
-    private let key: String
-    private let kind: String
-    private let server: String
+    private var logger: Logger { settings.logger }
+    private var metrics: DflockdMetrics.Lease { settings.metrics }
     /// When each acquire, enqueue and wait in flight was started (loop clock).
     private var startedMs: [LeaseMachine.CallID: UInt64] = [:]
     /// Whether the held gauge counts this lease now.
@@ -24,12 +23,8 @@ struct LeaseTelemetry {
     private var lastFailure: String?
 
     init(settings: LeaseSettings) {
-        logger = settings.logger
-        metrics = settings.metrics
-        reconnects = (settings.connection.metrics ?? .current).reconnects
-        key = settings.key
-        if case .lock = settings.kind { kind = "lock" } else { kind = "semaphore" }
-        server = settings.endpoint.description
+        self.settings = settings
+        reconnects = (settings.connectionMetrics ?? .current).reconnects
     }
 
     /// What the telemetry needs of the state before a step.
@@ -142,7 +137,7 @@ struct LeaseTelemetry {
         let reason: LossReason
         let detail: String
         switch event {
-        case .timerFired:
+        case .timerFired, .renewalRequested:
             reason = .deadline
             detail = "no renewal was answered before the lease's local deadline"
         case .failed(_, let request, let error):
@@ -167,7 +162,8 @@ struct LeaseTelemetry {
     }
 
     private func metadata(_ extra: Logger.Metadata = [:]) -> Logger.Metadata {
-        var metadata: Logger.Metadata = [LogField.key: .string(key), LogField.server: .string(server), LogField.kind: .string(kind)]
+        var metadata: Logger.Metadata = [LogField.key: .string(settings.key), LogField.server: .string(settings.endpoint.description),
+                                         LogField.kind: .string(settings.kindName)]
         metadata.merge(extra) { _, new in new }
         return metadata
     }

@@ -53,6 +53,14 @@ public final class LockSession: @unchecked Sendable {
     private let sharedConfiguration: Connection.Configuration
     let logger: Logger
     private let metrics: DflockdMetrics
+    /// How often an open shared connection is checked for silence: one silent this long has
+    /// one of its locks renew at once, so the connection is never silent for twice this
+    /// (``DistributedLease/defaultMaxIdleMs``: well under the servers' 23-second read timeout),
+    /// whatever the leases. Its locks renew by their `renewRatio` alone. Loop-confined; tests
+    /// shorten it.
+    var idleCheckMs = DistributedLease.defaultMaxIdleMs / 2
+    /// The lease timers of every lock on the session, on one libuv timer. Loop-confined.
+    let leaseTimers: TickTimers<DistributedLease>
     /// Run and graceful shutdown under swift-service-lifecycle (LockSession+Service.swift).
     let lifecycle = SessionLifecycle()
 
@@ -76,6 +84,8 @@ public final class LockSession: @unchecked Sendable {
         var observer: ChannelObserver?
         /// Why the last connection failed, until the next one opens (a reconnect).
         var lastFailure: String?
+        /// Checks, while the connection is open, that it does not stay silent.
+        var idleGuard: LoopTimer?
 
         init(endpoint: Endpoint) { self.endpoint = endpoint }
     }
@@ -141,13 +151,18 @@ public final class LockSession: @unchecked Sendable {
         var shared = configuration
         shared.gathersWrites = true
         self.sharedConfiguration = shared
+        self.leaseTimers = TickTimers(loop: loop)
         self.channels = endpoints.flatMap { endpoint in (0..<connectionsPerServer).map { _ in Channel(endpoint: endpoint) } }
     }
 
     deinit {
         let connections = channels.compactMap(\.connection)
-        guard !connections.isEmpty else { return }
-        loop.runOnLoop { for connection in connections { connection.closeWhenAnswered() } }
+        let timers = UncheckedSendable((leaseTimers, channels.compactMap(\.idleGuard)))
+        loop.runOnLoop {
+            for connection in connections { connection.closeWhenAnswered() }
+            timers.value.0.close()
+            for idleGuard in timers.value.1 { idleGuard.close() }
+        }
     }
 
     /// Closes every lock of the session as ``DistributedLease/close()`` does (held keys are
@@ -233,6 +248,7 @@ public final class LockSession: @unchecked Sendable {
                 open(index, generation: generation)
             case .admit(let admitted):
                 guard let connection = channels[index].connection else { continue }
+                startIdleGuard(index)
                 for member in admitted {
                     guard let entry = members[member] else { continue }
                     entry.lease?.sharedConnectionReady(entry.session, connection: connection)
@@ -260,11 +276,42 @@ public final class LockSession: @unchecked Sendable {
                 }
             case .closeWhenAnswered:
                 let channel = channels[index]
+                stopIdleGuard(index)
                 channel.observer = nil
                 channel.connection?.closeWhenAnswered()
                 channel.connection = nil
             }
         }
+    }
+
+    // MARK: - The idle guard
+
+    private func startIdleGuard(_ index: Int) {
+        guard channels[index].idleGuard == nil else { return }
+        let timer = LoopTimer(loop: loop) { [weak self] in self?.checkIdle(index) }
+        channels[index].idleGuard = timer
+        timer.schedule(afterMilliseconds: idleCheckMs)
+    }
+
+    private func stopIdleGuard(_ index: Int) {
+        channels[index].idleGuard?.close()
+        channels[index].idleGuard = nil
+    }
+
+    /// An open connection silent for `idleCheckMs` has one lock that holds through it renew
+    /// now; with none held, silence is harmless (the server frees nothing).
+    private func checkIdle(_ index: Int) {
+        let channel = channels[index]
+        guard case .open = channel.machine.phase, let connection = channel.connection else {
+            stopIdleGuard(index)
+            return
+        }
+        if loop.nowMs &- connection.lastWriteMs >= UInt64(idleCheckMs) {
+            for member in channel.machine.attached {
+                if let lease = members[member]?.lease, lease.renewForSilentConnection() { break }
+            }
+        }
+        channel.idleGuard?.schedule(afterMilliseconds: idleCheckMs)
     }
 
     private func open(_ index: Int, generation: SharedConnectionMachine.Generation) {

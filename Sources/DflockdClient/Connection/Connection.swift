@@ -59,6 +59,8 @@ public final class Connection: @unchecked Sendable {
     private var flushQueued = false
     /// Close as soon as no reply is owed (``closeWhenAnswered()``).
     private var closesWhenAnswered = false
+    /// The loop time of the last write (or of the start), for a session's idle guard.
+    private(set) var lastWriteMs: UInt64 = 0
 
     typealias Completion = (Result<Reply, LockError>) -> Void
 
@@ -103,8 +105,8 @@ public final class Connection: @unchecked Sendable {
     ///
     /// No call waits forever: every request has a deadline, counted from when it is made. A
     /// blocking `acquire`, `wait` and their semaphore forms get their own timeout plus
-    /// `blockingGraceMs`; every other request, `auth`, and the TLS handshake (when
-    /// `connectTimeoutMs` is nil) get `requestTimeoutMs`. A request that misses its deadline
+    /// `blockingGraceMs`; every other request (a try, `acquire` with timeout 0, included),
+    /// `auth`, and the TLS handshake (when `connectTimeoutMs` is nil) get `requestTimeoutMs`. A request that misses its deadline
     /// fails with ``LockError/requestTimeout(command:key:milliseconds:)`` and closes the
     /// connection (a late reply could no longer be matched to its request).
     ///
@@ -372,6 +374,7 @@ public final class Connection: @unchecked Sendable {
         guard case .open = core.phase, !core.outbound.isEmpty, let transport else { return }
         // Swapped out, so that the transport's write never overlaps an access to the core.
         swap(&writeBuffer, &core.outbound)
+        lastWriteMs = loop.nowMs
         writeBuffer.withUnsafeBytes { transport.write($0) }
         writeBuffer.removeAll(keepingCapacity: true)
         if core.outbound.isEmpty { swap(&writeBuffer, &core.outbound) }

@@ -189,7 +189,10 @@ struct ConnectionCore<Completion> {
 
     private mutating func enqueue(_ request: Request, completion: Completion?, nowMs: UInt64) {
         let allowance: Int
-        if let seconds = request.blockingSeconds {
+        // A try (`l key 0`, `sl key 0 n`) is answered at once: it gets a plain request's
+        // deadline, not a blocking one's grace (on a shared connection a try queues behind
+        // every renewal written before it, and 5 s was too short for 1,000,000 locks).
+        if let seconds = request.blockingSeconds, seconds > 0 {
             let blocking = seconds.multipliedReportingOverflow(by: 1000)
             let total = blocking.partialValue.addingReportingOverflow(limits.blockingGraceMs)
             allowance = blocking.overflow || total.overflow ? Int.max : total.partialValue

@@ -49,6 +49,10 @@ struct LeaseMachine: Sendable {
     }
 
     enum Event: Sendable, Equatable {
+        // From the session of a lock on a shared connection.
+        /// The shared connection has been silent for a while: renew now if held (and no renewal
+        /// is in flight), so the server's read timeout does not end the connection.
+        case renewalRequested(Session, nowMs: UInt64)
         // From the caller.
         case acquireRequested(CallID, force: Bool)
         case enqueueRequested(CallID, force: Bool)
@@ -142,7 +146,10 @@ struct LeaseMachine: Sendable {
     let acquireTimeoutS: Int
     let renewRatio: Double
     /// The longest gap between two requests on a held connection: servers close a connection
-    /// that sends nothing for their read timeout (23 s by default), releasing its locks.
+    /// that sends nothing for their read timeout (23 s by default), releasing its locks. It
+    /// caps the renewal period of a lock on a connection of its own; a shared connection is
+    /// kept from going silent by its ``LockSession`` instead (one early renewal for the whole
+    /// connection, not every lock renewing that often).
     let maxIdleMs: Int?
     /// Every configured server: a cluster follower's redirect is followed only to one of them.
     let members: [Endpoint]
@@ -259,6 +266,9 @@ struct LeaseMachine: Sendable {
             return failed(request, error)
         case .timerFired(let session, let nowMs):
             guard isLive(session) else { return [] }
+            return timerFired(nowMs: nowMs)
+        case .renewalRequested(let session, let nowMs):
+            guard isLive(session), route == .shared, case .held(let holding) = state, !holding.renewalInFlight else { return [] }
             return timerFired(nowMs: nowMs)
         }
     }
@@ -606,7 +616,8 @@ struct LeaseMachine: Sendable {
 
     private func renewalDelayMs(leaseS: Int) -> Int {
         let byRatio = max(1, Int((Double(Self.milliseconds(leaseS)) * renewRatio).rounded(.down)))
-        return maxIdleMs.map { min(byRatio, $0) } ?? byRatio
+        guard route == .own, let maxIdleMs else { return byRatio }
+        return min(byRatio, maxIdleMs)
     }
 }
 

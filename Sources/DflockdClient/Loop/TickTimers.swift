@@ -1,0 +1,107 @@
+import HeapModule
+
+/// What ``TickTimers`` fires: an object with at most one live timer, named by its generation.
+protocol TickTimerOwner: AnyObject {
+    /// The generation of the owner's live timer; an entry of any other generation is stale.
+    var tickTimerGeneration: UInt32 { get }
+    /// The owner's live timer came due.
+    func tickTimerFired()
+}
+
+/// Many one-shot timers on one libuv timer, for the locks of a ``LockSession``.
+///
+/// A `uv_timer_t` per lock costs a handle and its wrapper (about 250 bytes), and with 100,000
+/// locks every reschedule walks libuv's binary heap of all of them (O(log n) cache misses),
+/// twice per renewal. Here a timer is an entry in the bucket of its *tick* (`tickMs` of the
+/// loop's clock), and only the ticks that have entries are kept in order: a renewal due
+/// every 10 s for 100,000 locks touches a bucket, not a heap of 100,000.
+///
+/// Precision: an entry fires at the start of the tick its time falls in, so up to one tick
+/// early (the lease machine treats an early firing as a recomputation), except that an entry
+/// due within the current tick goes to the next one, so up to one tick late: a firing never
+/// schedules an entry that fires again in the same pass. Both are far below the lease's
+/// safety margin (a tenth of the lease, at least 100 ms for a 1-second lease).
+///
+/// Rescheduling and cancelling are O(1): the owner's generation moves on, and older entries
+/// are dropped unfired when their tick comes. Entries hold their owners weakly: a lock dropped
+/// with a timer scheduled goes away at once. Loop thread only.
+final class TickTimers<Owner: TickTimerOwner> {
+    private struct Entry {
+        weak var owner: Owner?
+        let generation: UInt32
+    }
+
+    let tickMs: UInt64
+    private let loop: EventLoop
+    private var buckets: [UInt64: [Entry]] = [:]
+    /// The ticks that have a bucket, earliest first.
+    private var ticks = Heap<UInt64>()
+    private var timer: LoopTimer?
+    /// The tick the libuv timer is set for, while it is set.
+    private var timerTick: UInt64?
+    private var isClosed = false
+
+    init(loop: EventLoop, tickMs: UInt64 = 8) {
+        precondition(tickMs > 0)
+        self.loop = loop
+        self.tickMs = tickMs
+    }
+
+    /// Entries waiting to fire, stale ones included (for tests).
+    var entryCount: Int { buckets.values.reduce(0) { $0 + $1.count } }
+
+    /// Fires `owner.tickTimerFired()` about `milliseconds` from the loop's current time, if
+    /// `owner`'s generation is still `generation` then.
+    func schedule(_ owner: Owner, generation: UInt32, afterMilliseconds milliseconds: Int) {
+        loop.assertInLoop()
+        guard !isClosed else { return }
+        let nowMs = loop.nowMs
+        let dueTick = (nowMs + UInt64(max(0, milliseconds))) / tickMs
+        let tick = max(dueTick, nowMs / tickMs + 1)
+        if buckets[tick, default: []].isEmpty { ticks.insert(tick) }
+        buckets[tick, default: []].append(Entry(owner: owner, generation: generation))
+        settleTimer()
+    }
+
+    /// Closes the libuv timer; nothing fires any more. Idempotent.
+    func close() {
+        isClosed = true
+        buckets.removeAll()
+        ticks = Heap()
+        timer?.close()
+        timer = nil
+        timerTick = nil
+    }
+
+    private func settleTimer() {
+        guard let next = ticks.min else { return }
+        if let timerTick, timerTick <= next { return }
+        let timer = self.timer ?? LoopTimer(loop: loop) { [weak self] in self?.fire() }
+        self.timer = timer
+        let dueMs = next * tickMs
+        let nowMs = loop.nowMs
+        timer.schedule(afterMilliseconds: dueMs > nowMs ? Int(clamping: dueMs - nowMs) : 0)
+        timerTick = next
+    }
+
+    private func fire() {
+        timerTick = nil
+        let currentTick = loop.nowMs / tickMs
+        // The ticks due now, taken before any owner runs: what they schedule goes to later
+        // ticks (see `schedule`), fired on a later pass.
+        var due: [[Entry]] = []
+        while let tick = ticks.min, tick <= currentTick {
+            ticks.removeMin()
+            if let entries = buckets.removeValue(forKey: tick) { due.append(entries) }
+        }
+        for entries in due {
+            // By index: copying an entry out would copy its weak reference too.
+            for index in entries.indices {
+                guard !isClosed else { return }
+                guard let owner = entries[index].owner, owner.tickTimerGeneration == entries[index].generation else { continue }
+                owner.tickTimerFired()
+            }
+        }
+        settleTimer()
+    }
+}
