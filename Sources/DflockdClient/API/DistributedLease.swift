@@ -443,7 +443,7 @@ public class DistributedLease: @unchecked Sendable {
     /// call whose task was cancelled before it reached the loop never starts; otherwise
     /// (release) cancellation changes nothing and the call runs to its end.
     private func bridge<Value: Sendable>(cancellable: Bool,
-                                         _ start: @escaping (LeaseMachine.CallID, @escaping (Result<Value, LockError>) -> Void) -> Void) async throws -> Value {
+                                         _ start: (LeaseMachine.CallID, @escaping (Result<Value, LockError>) -> Void) -> Void) async throws -> Value {
         let call = Self.nextCall()
         return try await loop.bridge(startsWhenCancelled: !cancellable, { completion in start(call, completion) }) {
             guard cancellable else { return }
