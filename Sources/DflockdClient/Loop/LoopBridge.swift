@@ -58,7 +58,7 @@ extension EventLoop {
                     continuation.resume(throwing: LockError.cancelled)
                     return
                 }
-                start { continuation.resume(with: $0.mapError { $0 as any Error }) }
+                start(resuming(continuation))
                 // Off the loop thread `start` only queues the operation for the loop, and a
                 // cancellation meanwhile may have queued `onCancel`'s work ahead of it (which
                 // then finds no such operation). Once more, behind the operation: ending an
@@ -68,3 +68,25 @@ extension EventLoop {
         }, onCancel: onCancel)
     }
 }
+
+/// The completion handed to `start`, which resumes the call. Debug builds stop the program when
+/// an operation completes twice: an unsafe continuation resumed twice is undefined behaviour.
+private func resuming<Value: Sendable>(_ continuation: UnsafeContinuation<Value, any Error>) -> (Result<Value, LockError>) -> Void {
+    #if DEBUG
+    let completed = CompletedFlag()
+    return { result in
+        precondition(!completed.isSet, "an operation completed twice")
+        completed.isSet = true
+        continuation.resume(with: result.mapError { $0 as any Error })
+    }
+    #else
+    return { continuation.resume(with: $0.mapError { $0 as any Error }) }
+    #endif
+}
+
+#if DEBUG
+/// Whether a bridged operation has completed. Touched only by the operation's completion.
+private final class CompletedFlag {
+    var isSet = false
+}
+#endif
