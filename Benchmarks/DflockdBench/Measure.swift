@@ -166,19 +166,6 @@ struct LatencyRecorder: Sendable {
         squaredDeviations += delta * (Double(nanoseconds) - meanNs)
     }
 
-    /// Adds another recorder's samples (Chan et al.'s parallel variance).
-    mutating func merge(_ other: LatencyRecorder) {
-        guard other.count > 0 else { return }
-        histogram.add(other.histogram)
-        let total = count + other.count
-        let delta = other.meanNs - meanNs
-        squaredDeviations += other.squaredDeviations + delta * delta * Double(count) * Double(other.count) / Double(total)
-        meanNs += delta * Double(other.count) / Double(total)
-        count = total
-        minNs = Swift.min(minNs, other.minNs)
-        maxNs = Swift.max(maxNs, other.maxNs)
-    }
-
     var summary: LatencySummary {
         guard count > 0 else { return LatencySummary(meanMs: 0, minMs: 0, maxMs: 0, p50Ms: 0, p99Ms: 0, stdevMs: 0) }
         let stdevNs = count > 1 ? (squaredDeviations / Double(count - 1)).squareRoot() : 0

@@ -187,24 +187,24 @@ final class ThroughputBenchmark: @unchecked Sendable {
 
     private func startAsyncSessionWorkers(keys: [String], onLoopExecutor: Bool) {
         let locks = makeSessionLocks(keys: keys)
-        let (rounds, highestNs, completedOps) = (settings.rounds, recorder.histogram.highestTrackableValue, completedOps)
+        let (rounds, completedOps) = (settings.rounds, completedOps)
         let runWorkers = { @Sendable [self] in
             let outcomes = await withTaskGroup(of: AsyncWorker.Outcome.self) { group in
                 for (index, lock) in locks.enumerated() {
                     group.addTask {
-                        var recorder = LatencyRecorder(highestNs: highestNs)
+                        var latencies = AsyncWorker.Latencies(capacity: rounds)
                         do {
                             for _ in 0..<rounds {
                                 let startNs = monotonicNanoseconds()
                                 guard try await lock.acquire() else { return .failed(worker: index, message: "acquire timed out") }
                                 try await lock.release()
-                                recorder.record(monotonicNanoseconds() - startNs)
+                                latencies.append(monotonicNanoseconds() - startNs)
                                 completedOps.increment()
                             }
                         } catch {
                             return .failed(worker: index, message: "\(error)")
                         }
-                        return .finished(recorder)
+                        return .finished(latencies)
                     }
                 }
                 return await group.reduce(into: []) { $0.append($1) }
@@ -214,11 +214,12 @@ final class ThroughputBenchmark: @unchecked Sendable {
         launch(runWorkers, onLoopExecutor: onLoopExecutor)
     }
 
-    /// Merges the async workers' latencies, or records the first failure, on the loop thread.
+    /// Records the async workers' latencies in the run's one recorder, or the first failure, on
+    /// the loop thread.
     private func finish(with outcomes: [AsyncWorker.Outcome]) {
         for outcome in outcomes {
             switch outcome {
-            case .finished(let latencies): recorder.merge(latencies)
+            case .finished(let latencies): for nanoseconds in latencies.samples { recorder.record(nanoseconds) }
             case .failed(let worker, let message): fail(worker: worker, message)
             }
         }
@@ -234,7 +235,7 @@ final class ThroughputBenchmark: @unchecked Sendable {
             let workerConnections = connections(for: key)
             connections += workerConnections
             return AsyncWorker(index: index, key: key, connections: workerConnections, settings: settings,
-                               highestNs: recorder.histogram.highestTrackableValue, completedOps: completedOps)
+                               completedOps: completedOps)
         }
         let runWorkers = { @Sendable [self] in
             let outcomes = await withTaskGroup(of: AsyncWorker.Outcome.self) { group in
@@ -392,19 +393,34 @@ private final class SessionWorker {
 /// prefers the loop's executor (`--api async-loop`).
 private struct AsyncWorker: Sendable {
     enum Outcome: Sendable {
-        case finished(LatencyRecorder)
+        case finished(Latencies)
         case failed(worker: Int, message: String)
+    }
+
+    /// A worker's latencies, kept as plain samples and recorded in the run's one recorder when
+    /// the workers are done (as the callback workers record into it): a histogram per worker
+    /// would cost each async row 100 histograms' worth of page faults and cache misses that
+    /// the callback row does not pay, and that no user of the async API pays.
+    struct Latencies: Sendable {
+        private(set) var samples: [UInt64] = []
+
+        init(capacity: Int) {
+            samples.reserveCapacity(capacity)
+        }
+
+        mutating func append(_ nanoseconds: UInt64) {
+            samples.append(nanoseconds)
+        }
     }
 
     let index: Int
     let key: String
     let connections: [Connection]
     let settings: ThroughputBenchmark.Settings
-    let highestNs: UInt64
     let completedOps: Counter
 
     func run() async -> Outcome {
-        var recorder = LatencyRecorder(highestNs: highestNs)
+        var latencies = Latencies(capacity: settings.rounds)
         var step = "dial"
         do {
             for connection in connections { try await connection.connect() }
@@ -417,12 +433,12 @@ private struct AsyncWorker: Sendable {
                 }
                 step = "release"
                 try await connection.release(key: key, token: grant.token)
-                recorder.record(monotonicNanoseconds() - startNs)
+                latencies.append(monotonicNanoseconds() - startNs)
                 completedOps.increment()
             }
         } catch {
             return .failed(worker: index, message: "\(step): \(error)")
         }
-        return .finished(recorder)
+        return .finished(latencies)
     }
 }

@@ -16,6 +16,11 @@ final class RequestLedger {
     var keys: [String] = []
 }
 
+/// The one operation in flight of a hand-made bridged call. Loop thread only.
+final class PendingOperation: @unchecked Sendable {
+    var completion: ((Result<Int, LockError>) -> Void)?
+}
+
 /// A service whose isolation is the loop: its methods, its awaits on locks and its `withLock`
 /// bodies all run on the loop thread.
 actor LoopService {
@@ -214,6 +219,81 @@ struct ExecutorTests {
                 #expect(started.withLock { $0 } == startsWhenCancelled, "\(label)")
                 #expect(result == (startsWhenCancelled ? .success(7) : .failure(.cancelled)), "\(label)")
             }
+        }
+    }
+
+    @Test("the bridge: an operation that completes inside its start resumes the call once, on the loop and off it")
+    func bridgeCompletionInsideStart() async throws {
+        let loop = EventLoop()
+        defer { loop.shutdown() }
+        for onLoop in [false, true] {
+            // What a completion-handler call does once the loop has shut down: it completes at
+            // once, inside the call.
+            let body = { () async -> Result<Int, LockError> in
+                do {
+                    let value: Int = try await loop.bridge({ completion in completion(.success(11)) }, onCancel: {})
+                    return .success(value)
+                } catch {
+                    return .failure(error as? LockError ?? .closed)
+                }
+            }
+            let result = onLoop ? await Task(executorPreference: loop) { await body() }.value : await Task { await body() }.value
+            #expect(result == .success(11), "on the loop \(onLoop)")
+        }
+    }
+
+    /// An operation that reaches the loop through its inbox, as every completion-handler call
+    /// made off the loop thread does, and a cancellation that comes while `start` queues it:
+    /// the cancellation's work, queued first, finds no operation yet. The bridge cancels once
+    /// more behind the operation, so the call still ends (without that it would wait forever).
+    @Test("the bridge: a cancellation while start hands the operation to the loop still ends it", .timeLimit(.minutes(1)))
+    func bridgeCancellationRacingTheStart() async throws {
+        let loop = EventLoop()
+        defer { loop.shutdown() }
+        for onLoop in [false, true] {
+            let events = ThreadLock([String]())
+            let pending = PendingOperation()
+            let body = { () async -> Result<Int, LockError> in
+                do {
+                    let value: Int = try await loop.bridge({ completion in
+                        withUnsafeCurrentTask { $0?.cancel() }
+                        events.withLock { $0.append("queued") }
+                        let completion = UncheckedSendable(completion)
+                        loop.execute { pending.completion = completion.value }
+                    }, onCancel: {
+                        events.withLock { $0.append("cancel") }
+                        loop.execute {
+                            pending.completion?(.failure(.cancelled))
+                            pending.completion = nil
+                        }
+                    })
+                    return .success(value)
+                } catch {
+                    return .failure(error as? LockError ?? .closed)
+                }
+            }
+            let result = onLoop ? await Task(executorPreference: loop) { await body() }.value : await Task { await body() }.value
+            #expect(result == .failure(.cancelled), "on the loop \(onLoop)")
+            #expect(events.withLock { $0 } == ["cancel", "queued", "cancel"], "on the loop \(onLoop)")
+        }
+    }
+
+    @Test("an async call on a loop that has shut down throws eventLoopShutDown, on the loop's executor and off it")
+    func asyncCallAfterShutdown() async throws {
+        let loop = EventLoop()
+        let connection = try Connection(host: "127.0.0.1", port: 1, loop: loop)
+        loop.shutdown()
+        for onLoop in [false, true] {
+            let body = { () async -> LockError? in
+                do {
+                    try await connection.ping()
+                    return nil
+                } catch {
+                    return error as? LockError ?? .closed
+                }
+            }
+            let error = onLoop ? await Task(executorPreference: loop) { await body() }.value : await Task { await body() }.value
+            #expect(error == .eventLoopShutDown, "on the loop's executor \(onLoop)")
         }
     }
 

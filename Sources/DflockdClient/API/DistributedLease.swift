@@ -458,10 +458,10 @@ public class DistributedLease: @unchecked Sendable {
     /// Runs a completion-handler call as an async call, through the loop's bridge (no hop when
     /// the task is already on the loop). When `cancellable`, cancelling the task cancels the call
     /// (the machine ends its session and the call fails with ``LockError/cancelled``), and a
-    /// call whose task was cancelled before it reached the loop never starts; otherwise
-    /// (release) cancellation changes nothing and the call runs to its end.
+    /// call whose task was cancelled before it started never starts; otherwise (release)
+    /// cancellation changes nothing and the call runs to its end.
     private func bridge<Value: Sendable>(cancellable: Bool,
-                                         _ start: @escaping (LeaseMachine.CallID, @escaping (Result<Value, LockError>) -> Void) -> Void) async throws -> Value {
+                                         _ start: (LeaseMachine.CallID, @escaping (Result<Value, LockError>) -> Void) -> Void) async throws -> Value {
         let call = Self.nextCall()
         return try await loop.bridge(startsWhenCancelled: !cancellable, { completion in start(call, completion) }) {
             guard cancellable else { return }

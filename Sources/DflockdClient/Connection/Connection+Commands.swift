@@ -183,7 +183,8 @@ extension Connection {
     /// Runs a completion-handler operation as an async call (see `EventLoop.bridge`). Cancelling
     /// the task closes the connection, which fails the operation with ``LockError/cancelled``
     /// and makes the server drop any wait or hold of this session.
-    func bridge<Value: Sendable>(_ start: @escaping (@escaping (Result<Value, LockError>) -> Void) -> Void) async throws -> Value {
+    @inline(__always)
+    func bridge<Value: Sendable>(_ start: (@escaping (Result<Value, LockError>) -> Void) -> Void) async throws -> Value {
         try await loop.bridge(start) { self.cancel() }
     }
 }

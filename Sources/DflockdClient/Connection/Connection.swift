@@ -275,7 +275,8 @@ public final class Connection: @unchecked Sendable {
             index += 1
             perform(action)
         }
-        actions.removeAll(keepingCapacity: true)
+        // Most steps a caller takes (a request) add no action: nothing to free then.
+        if !actions.isEmpty { actions.removeAll(keepingCapacity: true) }
         if closesWhenAnswered, !core.hasOutstanding, !isClosed {
             closesWhenAnswered = false
             core.close(.closed, into: &actions)
