@@ -31,7 +31,9 @@ public class DistributedLease: @unchecked Sendable {
     /// Reports the current connection's end, tagged with its session (the connection holds its
     /// delegate weakly).
     private var connectionObserver: SessionObserver?
-    /// This lock's place on its session's shared connection, while its session runs there.
+    /// This lock's place on its session's shared connection. It stays a member between
+    /// acquisitions while the connection is open (events of a session it ended are stale), so
+    /// that the next acquire needs no attach; the session drops it when the connection ends.
     private var sharedMember: SharedConnectionMachine.Member?
     /// Renewals and the local lease deadline share this one timer, made on first use in a
     /// session and closed with it; `timerSession` is the session it was last scheduled for.
@@ -332,11 +334,17 @@ public class DistributedLease: @unchecked Sendable {
                 assertionFailure("\(key): attachShared without a session")
                 return
             }
+            if let member = sharedMember, let open = lockSession.reattach(member, session: session) {
+                // Still a member of the open connection: ready now (the event is queued behind
+                // this action, as every event that arrives while actions are performed).
+                connection = open
+                drive(.connected(session))
+                return
+            }
+            if let member = sharedMember { lockSession.detach(member) }
             sharedMember = lockSession.attach(self, session: session, channel: settings.channel)
         case .detachShared:
             connection = nil
-            if let member = sharedMember { settings.session?.detach(member) }
-            sharedMember = nil
             tickTimerGeneration &+= 1
         case .releaseUnanswered(_, let token):
             if let request = try? settings.request(for: .release(token: token)) {
@@ -513,8 +521,15 @@ extension DistributedLease: TickTimerOwner {
 
     /// The shared connection of this lock's `session` could not be had, or ended. Loop thread.
     func sharedConnectionFailed(_ session: LeaseMachine.Session, error: LockError) {
-        if machine.session == session { sharedMember = nil }
+        // The session has already dropped the member, whichever session it last served.
+        sharedMember = nil
         drive(.failed(session, nil, error))
+    }
+
+    /// Whether the lock holds through the shared connection in `session` (for the session's
+    /// log of what a lost connection took). Loop thread.
+    func holdsOnSharedConnection(in session: LeaseMachine.Session) -> Bool {
+        machine.session == session && machine.route == .shared && machine.holding != nil
     }
 
     /// The session closes: like ``close()``, on the loop thread, now. Loop thread.
