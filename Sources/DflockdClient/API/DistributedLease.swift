@@ -37,11 +37,11 @@ public class DistributedLease: @unchecked Sendable {
     private var sharedMember: SharedConnectionMachine.Member?
     /// Renewals and the local lease deadline share this one timer, made on first use in a
     /// session and closed with it; `timerSession` is the session it was last scheduled for.
-    /// A lock on a ``LockSession`` uses the session's ``TickTimers`` instead, its live entry
-    /// named by `tickTimerGeneration`.
+    /// A lock on a ``LockSession`` uses a slot of the session's ``TickTimers`` instead, made
+    /// on first use and freed with the lock.
     private var leaseTimer: LoopTimer?
     private var timerSession: LeaseMachine.Session = 0
-    private(set) var tickTimerGeneration: UInt32 = 0
+    private var tickTimerSlot: TickTimers<DistributedLease>.Slot?
     /// The completion of every call the machine has not completed yet.
     private var completions: [LeaseMachine.CallID: PendingCompletion] = [:]
     /// Set while a completion is owed, so that it runs even if the caller let go.
@@ -95,12 +95,13 @@ public class DistributedLease: @unchecked Sendable {
             session.unregister(ObjectIdentifier(self))
             // A lock held on a shared connection is released there: the connection stays.
             let release = machine.releaseWhenDropped.flatMap { dropped in try? settings.request(for: .release(token: dropped.token)) }
-            let (member, channel) = (sharedMember, settings.channel)
+            let (member, channel, slot) = (sharedMember, settings.channel, tickTimerSlot)
             let connection = member == nil ? self.connection : nil
-            if release != nil || member != nil || timer != nil || connection != nil {
+            if release != nil || member != nil || timer != nil || connection != nil || slot != nil {
                 loop.runOnLoop {
                     if let release { session.sendUnanswered(release, channel: channel) }
                     if let member { session.detach(member) }
+                    if let slot { session.leaseTimers.freeSlot(slot) }
                     connection?.close()
                     timer?.close()
                 }
@@ -319,7 +320,7 @@ public class DistributedLease: @unchecked Sendable {
             closing?.close()
             leaseTimer?.close()
             leaseTimer = nil
-            tickTimerGeneration &+= 1
+            cancelTickTimer()
         case .redirectSession(_, let session, let server):
             // Only the connection changes: the lease timer, if scheduled, goes on for the new
             // session.
@@ -345,7 +346,7 @@ public class DistributedLease: @unchecked Sendable {
             sharedMember = lockSession.attach(self, session: session, channel: settings.channel)
         case .detachShared:
             connection = nil
-            tickTimerGeneration &+= 1
+            cancelTickTimer()
         case .releaseUnanswered(_, let token):
             if let request = try? settings.request(for: .release(token: token)) {
                 settings.session?.sendUnanswered(request, channel: settings.channel)
@@ -354,8 +355,11 @@ public class DistributedLease: @unchecked Sendable {
             send(outgoing, session: session)
         case .scheduleTimer(let session, let milliseconds) where settings.session != nil:
             timerSession = session
-            tickTimerGeneration &+= 1
-            settings.session?.leaseTimers.schedule(self, generation: tickTimerGeneration, afterMilliseconds: milliseconds)
+            if let timers = settings.session?.leaseTimers {
+                let slot = tickTimerSlot ?? timers.makeSlot(for: self)
+                tickTimerSlot = slot
+                timers.schedule(slot, afterMilliseconds: milliseconds)
+            }
         case .scheduleTimer(let session, let milliseconds):
             let timer = leaseTimer ?? LoopTimer(loop: loop) { [weak self] in
                 guard let self else { return }
@@ -367,7 +371,7 @@ public class DistributedLease: @unchecked Sendable {
             timer.schedule(afterMilliseconds: milliseconds)
         case .cancelTimer:
             leaseTimer?.cancel()
-            tickTimerGeneration &+= 1
+            cancelTickTimer()
         case .complete(let call, _, let outcome):
             guard let completion = completions.removeValue(forKey: call) else {
                 assertionFailure("\(key): a completion for unknown call \(call)")
@@ -505,6 +509,10 @@ extension DistributedLease: TickTimerOwner {
         guard machine.route == .shared, machine.holding != nil else { return false }
         drive(.renewalRequested(machine.session, nowMs: loop.nowMs))
         return true
+    }
+
+    private func cancelTickTimer() {
+        if let tickTimerSlot { settings.session?.leaseTimers.cancel(tickTimerSlot) }
     }
 
     /// The session's ``TickTimers`` fired this lock's live timer. Loop thread.
