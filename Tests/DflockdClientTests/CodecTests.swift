@@ -328,6 +328,19 @@ struct CodecTests {
             }
         }
 
+        @Test("a lock's renewals and releases, built from a validated key and token, are the checked factories' requests")
+        func validatedFactories() throws {
+            let token = "0123456789abcdef0123456789abcdef"
+            for lease in [nil, 30] as [Int?] {
+                #expect(Request.renew(validatedKey: "k", validatedToken: token, leaseTtlS: lease, semaphore: false)
+                        == (try .renew(key: "k", token: token, leaseTtlS: lease)))
+                #expect(Request.renew(validatedKey: "k", validatedToken: token, leaseTtlS: lease, semaphore: true)
+                        == (try .semaphoreRenew(key: "k", token: token, leaseTtlS: lease)))
+            }
+            #expect(Request.release(validatedKey: "k", validatedToken: token, semaphore: false) == (try .release(key: "k", token: token)))
+            #expect(Request.release(validatedKey: "k", validatedToken: token, semaphore: true) == (try .semaphoreRelease(key: "k", token: token)))
+        }
+
         @Test("negative timeouts are refused; zero means try once")
         func timeouts() throws {
             for t in [-1, -100, Int.min] {

@@ -51,13 +51,15 @@ struct TLSTests {
     func lockOverTLSIsAcquiredRenewedAndReleased(on server: TLSServer) async throws {
         let bed = try await server.shared()
         // By IP: the certificate's IP:127.0.0.1 SAN is what is verified.
-        let lock = try lock("tls-renewed", port: bed.tlsPort, tls: TLSOptions(caFile: pki.caFile), leaseTtlS: 2)
+        // 3 s: dflockd 0.5.0 answers a renewal with a second less, and a 2 s lease then leaves
+        // 1 s, too little for ThreadSanitizer's slower loop on a loaded machine.
+        let lock = try lock("tls-renewed", port: bed.tlsPort, tls: TLSOptions(caFile: pki.caFile), leaseTtlS: 3)
         #expect(try await lock.acquire())
         #expect(lock.state == .held)
         let token = lock.token
-        #expect((1...2).contains(lock.lease), "2, or 1 if a renewal (0.5.0 rounds down) came first")
-        // Five seconds is 2.5 leases: without renewals over TLS the key would be free.
-        for _ in 0..<5 {
+        #expect((2...3).contains(lock.lease), "3, or 2 if a renewal (0.5.0 rounds down) came first")
+        // Seven seconds is more than two leases: without renewals over TLS the key would be free.
+        for _ in 0..<7 {
             try await Task.sleep(for: .seconds(1))
             #expect(try await bed.isHeld("tls-renewed"))
             #expect(lock.state == .held)

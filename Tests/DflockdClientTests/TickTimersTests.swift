@@ -1,6 +1,6 @@
 // Tests of `TickTimers`, the one-libuv-timer scheduler of a LockSession's lease timers: when
-// an entry fires (within a tick of its time), that a stale or dropped entry never fires, and
-// that an owner rescheduling from its firing is fired on a later pass, not in the same one.
+// an entry fires (within a tick of its time), that a stale, cancelled, freed or dropped entry
+// never fires, and that an owner rescheduling from its firing is fired on a later pass.
 import CUV
 import Testing
 @testable import DflockdClient
@@ -9,7 +9,6 @@ import Testing
 struct TickTimersTests {
     /// An owner that records the loop time of each firing and may reschedule itself.
     final class Owner: TickTimerOwner, @unchecked Sendable {
-        var tickTimerGeneration: UInt32 = 0
         var firedAtMs: [UInt64] = []
         var onFire: ((Owner) -> Void)?
         let loop: EventLoop
@@ -20,11 +19,6 @@ struct TickTimersTests {
             firedAtMs.append(loop.nowMs)
             onFire?(self)
         }
-
-        func schedule(on timers: TickTimers<Owner>, afterMs: Int) {
-            tickTimerGeneration &+= 1
-            timers.schedule(self, generation: tickTimerGeneration, afterMilliseconds: afterMs)
-        }
     }
 
     /// Runs `body` on the loop thread and waits until it calls `done`.
@@ -34,36 +28,43 @@ struct TickTimersTests {
         }
     }
 
-    @Test("an entry fires within one tick of its time; a rescheduled owner's old entry and a cancelled one never fire")
+    @Test("an entry fires within one tick of its time; a rescheduled slot's old entry, a cancelled and a freed one never fire")
     func firesOnTimeAndSkipsStaleEntries() async {
         let loop = EventLoop()
         defer { loop.shutdown() }
         let timers = UncheckedSendable(TickTimers<Owner>(loop: loop, tickMs: 8))
-        let results = ThreadLock<(last: Owner?, rescheduled: Owner?, cancelled: Owner?, scheduledAtMs: UInt64)>((nil, nil, nil, 0))
+        let owners = UncheckedSendable((rescheduled: Owner(loop: loop), cancelled: Owner(loop: loop), freed: Owner(loop: loop),
+                                        reused: Owner(loop: loop), last: Owner(loop: loop)))
+        let scheduledAtMs = ThreadLock<UInt64>(0)
         await onLoop(loop) { done in
             let timers = timers.value
+            let owners = owners.value
             uv_update_time(loop.raw)
-            let rescheduled = Owner(loop: loop)
-            rescheduled.schedule(on: timers, afterMs: 20)
-            rescheduled.schedule(on: timers, afterMs: 120)   // the 20 ms entry is stale now
-            let cancelled = Owner(loop: loop)
-            cancelled.schedule(on: timers, afterMs: 30)
-            cancelled.tickTimerGeneration &+= 1               // cancelled
-            let last = Owner(loop: loop)
-            last.onFire = { _ in done() }
-            last.schedule(on: timers, afterMs: 150)
-            results.withLock { $0 = (last, rescheduled, cancelled, loop.nowMs) }
+            scheduledAtMs.withLock { $0 = loop.nowMs }
+            let rescheduled = timers.makeSlot(for: owners.rescheduled)
+            timers.schedule(rescheduled, afterMilliseconds: 20)
+            timers.schedule(rescheduled, afterMilliseconds: 120)   // the 20 ms entry is stale now
+            let cancelled = timers.makeSlot(for: owners.cancelled)
+            timers.schedule(cancelled, afterMilliseconds: 30)
+            timers.cancel(cancelled)
+            let freed = timers.makeSlot(for: owners.freed)
+            timers.schedule(freed, afterMilliseconds: 40)
+            timers.freeSlot(freed)
+            // The freed slot, reused at once, does not inherit the pending entry.
+            let reused = timers.makeSlot(for: owners.reused)
+            #expect(reused == freed)
+            owners.last.onFire = { _ in done() }
+            timers.schedule(timers.makeSlot(for: owners.last), afterMilliseconds: 150)
         }
-        let (last, rescheduled, cancelled, scheduledAtMs) = results.withLock { $0 }
-        await onLoop(loop) { done in done() }
-        let rescheduledFirings = rescheduled?.firedAtMs ?? []
-        #expect(cancelled?.firedAtMs == [], "a cancelled entry fired")
-        #expect(rescheduledFirings.count == 1, "the stale entry of a rescheduled owner fired: \(rescheduledFirings)")
-        if let firing = rescheduledFirings.first {
-            #expect(firing + 8 >= scheduledAtMs + 120, "fired more than a tick early")
-        }
-        if let firing = last?.firedAtMs.first {
-            #expect(firing + 8 >= scheduledAtMs + 150, "fired more than a tick early")
+        let (rescheduled, cancelled, freed, reused, last) = owners.value
+        let start = scheduledAtMs.withLock { $0 }
+        #expect(cancelled.firedAtMs == [], "a cancelled entry fired")
+        #expect(freed.firedAtMs == [] && reused.firedAtMs == [], "a freed slot's entry fired")
+        #expect(rescheduled.firedAtMs.count == 1, "the stale entry of a rescheduled slot fired: \(rescheduled.firedAtMs)")
+        for (owner, afterMs) in [(rescheduled, 120), (last, 150)] as [(Owner, UInt64)] {
+            if let firing = owner.firedAtMs.first {
+                #expect(firing + 8 >= start + afterMs, "fired more than a tick early")
+            }
         }
         await onLoop(loop) { done in
             #expect(timers.value.entryCount == 0, "fired and stale entries are gone")
@@ -78,10 +79,11 @@ struct TickTimersTests {
         let timers = UncheckedSendable(TickTimers<Owner>(loop: loop, tickMs: 8))
         let owner = UncheckedSendable(Owner(loop: loop))
         await onLoop(loop) { done in
+            let slot = timers.value.makeSlot(for: owner.value)
             owner.value.onFire = { owner in
-                if owner.firedAtMs.count == 4 { done() } else { owner.schedule(on: timers.value, afterMs: 0) }
+                if owner.firedAtMs.count == 4 { done() } else { timers.value.schedule(slot, afterMilliseconds: 0) }
             }
-            owner.value.schedule(on: timers.value, afterMs: 0)
+            timers.value.schedule(slot, afterMilliseconds: 0)
         }
         let ticks = owner.value.firedAtMs.map { $0 / 8 }
         #expect(ticks.count == 4)
@@ -100,11 +102,11 @@ struct TickTimersTests {
             do {
                 let owner = Owner(loop: loop)
                 weakOwner = owner
-                owner.schedule(on: timers.value, afterMs: 10)
+                timers.value.schedule(timers.value.makeSlot(for: owner), afterMilliseconds: 10)
             }
             dropped.withLock { $0 = weakOwner == nil }
             witness.value.onFire = { _ in done() }
-            witness.value.schedule(on: timers.value, afterMs: 40)
+            timers.value.schedule(timers.value.makeSlot(for: witness.value), afterMilliseconds: 40)
         }
         #expect(dropped.withLock { $0 }, "the scheduled entry kept its owner alive")
     }

@@ -31,15 +31,17 @@ public class DistributedLease: @unchecked Sendable {
     /// Reports the current connection's end, tagged with its session (the connection holds its
     /// delegate weakly).
     private var connectionObserver: SessionObserver?
-    /// This lock's place on its session's shared connection, while its session runs there.
+    /// This lock's place on its session's shared connection. It stays a member between
+    /// acquisitions while the connection is open (events of a session it ended are stale), so
+    /// that the next acquire needs no attach; the session drops it when the connection ends.
     private var sharedMember: SharedConnectionMachine.Member?
     /// Renewals and the local lease deadline share this one timer, made on first use in a
     /// session and closed with it; `timerSession` is the session it was last scheduled for.
-    /// A lock on a ``LockSession`` uses the session's ``TickTimers`` instead, its live entry
-    /// named by `tickTimerGeneration`.
+    /// A lock on a ``LockSession`` uses a slot of the session's ``TickTimers`` instead, made
+    /// on first use and freed with the lock.
     private var leaseTimer: LoopTimer?
     private var timerSession: LeaseMachine.Session = 0
-    private(set) var tickTimerGeneration: UInt32 = 0
+    private var tickTimerSlot: TickTimers<DistributedLease>.Slot?
     /// The completion of every call the machine has not completed yet.
     private var completions: [LeaseMachine.CallID: PendingCompletion] = [:]
     /// Set while a completion is owed, so that it runs even if the caller let go.
@@ -93,12 +95,13 @@ public class DistributedLease: @unchecked Sendable {
             session.unregister(ObjectIdentifier(self))
             // A lock held on a shared connection is released there: the connection stays.
             let release = machine.releaseWhenDropped.flatMap { dropped in try? settings.request(for: .release(token: dropped.token)) }
-            let (member, channel) = (sharedMember, settings.channel)
+            let (member, channel, slot) = (sharedMember, settings.channel, tickTimerSlot)
             let connection = member == nil ? self.connection : nil
-            if release != nil || member != nil || timer != nil || connection != nil {
+            if release != nil || member != nil || timer != nil || connection != nil || slot != nil {
                 loop.runOnLoop {
                     if let release { session.sendUnanswered(release, channel: channel) }
                     if let member { session.detach(member) }
+                    if let slot { session.leaseTimers.freeSlot(slot) }
                     connection?.close()
                     timer?.close()
                 }
@@ -317,7 +320,7 @@ public class DistributedLease: @unchecked Sendable {
             closing?.close()
             leaseTimer?.close()
             leaseTimer = nil
-            tickTimerGeneration &+= 1
+            cancelTickTimer()
         case .redirectSession(_, let session, let server):
             // Only the connection changes: the lease timer, if scheduled, goes on for the new
             // session.
@@ -332,12 +335,18 @@ public class DistributedLease: @unchecked Sendable {
                 assertionFailure("\(key): attachShared without a session")
                 return
             }
+            if let member = sharedMember, let open = lockSession.reattach(member, session: session) {
+                // Still a member of the open connection: ready now (the event is queued behind
+                // this action, as every event that arrives while actions are performed).
+                connection = open
+                drive(.connected(session))
+                return
+            }
+            if let member = sharedMember { lockSession.detach(member) }
             sharedMember = lockSession.attach(self, session: session, channel: settings.channel)
         case .detachShared:
             connection = nil
-            if let member = sharedMember { settings.session?.detach(member) }
-            sharedMember = nil
-            tickTimerGeneration &+= 1
+            cancelTickTimer()
         case .releaseUnanswered(_, let token):
             if let request = try? settings.request(for: .release(token: token)) {
                 settings.session?.sendUnanswered(request, channel: settings.channel)
@@ -346,8 +355,11 @@ public class DistributedLease: @unchecked Sendable {
             send(outgoing, session: session)
         case .scheduleTimer(let session, let milliseconds) where settings.session != nil:
             timerSession = session
-            tickTimerGeneration &+= 1
-            settings.session?.leaseTimers.schedule(self, generation: tickTimerGeneration, afterMilliseconds: milliseconds)
+            if let timers = settings.session?.leaseTimers {
+                let slot = tickTimerSlot ?? timers.makeSlot(for: self)
+                tickTimerSlot = slot
+                timers.schedule(slot, afterMilliseconds: milliseconds)
+            }
         case .scheduleTimer(let session, let milliseconds):
             let timer = leaseTimer ?? LoopTimer(loop: loop) { [weak self] in
                 guard let self else { return }
@@ -359,7 +371,7 @@ public class DistributedLease: @unchecked Sendable {
             timer.schedule(afterMilliseconds: milliseconds)
         case .cancelTimer:
             leaseTimer?.cancel()
-            tickTimerGeneration &+= 1
+            cancelTickTimer()
         case .complete(let call, _, let outcome):
             guard let completion = completions.removeValue(forKey: call) else {
                 assertionFailure("\(key): a completion for unknown call \(call)")
@@ -499,6 +511,10 @@ extension DistributedLease: TickTimerOwner {
         return true
     }
 
+    private func cancelTickTimer() {
+        if let tickTimerSlot { settings.session?.leaseTimers.cancel(tickTimerSlot) }
+    }
+
     /// The session's ``TickTimers`` fired this lock's live timer. Loop thread.
     func tickTimerFired() {
         uv_update_time(loop.raw)
@@ -513,8 +529,15 @@ extension DistributedLease: TickTimerOwner {
 
     /// The shared connection of this lock's `session` could not be had, or ended. Loop thread.
     func sharedConnectionFailed(_ session: LeaseMachine.Session, error: LockError) {
-        if machine.session == session { sharedMember = nil }
+        // The session has already dropped the member, whichever session it last served.
+        sharedMember = nil
         drive(.failed(session, nil, error))
+    }
+
+    /// Whether the lock holds through the shared connection in `session` (for the session's
+    /// log of what a lost connection took). Loop thread.
+    func holdsOnSharedConnection(in session: LeaseMachine.Session) -> Bool {
+        machine.session == session && machine.route == .shared && machine.holding != nil
     }
 
     /// The session closes: like ``close()``, on the loop thread, now. Loop thread.

@@ -92,7 +92,8 @@ public final class LockSession: @unchecked Sendable {
 
     private struct MemberEntry {
         weak var lease: DistributedLease?
-        let session: LeaseMachine.Session
+        /// The lock's session the member serves now (or served last, between acquisitions).
+        var session: LeaseMachine.Session
         let channel: Int
     }
 
@@ -220,6 +221,17 @@ public final class LockSession: @unchecked Sendable {
         return member
     }
 
+    /// `lease`'s member `member` serves its new `session`, if it is still on the open
+    /// connection: that connection, ready now; `nil` when the member must attach anew (the
+    /// connection it was on has ended).
+    func reattach(_ member: SharedConnectionMachine.Member, session: LeaseMachine.Session) -> Connection? {
+        loop.assertInLoop()
+        guard let channel = members[member]?.channel, case .open = channels[channel].machine.phase,
+              channels[channel].machine.attached.contains(member), let connection = channels[channel].connection else { return nil }
+        members[member]?.session = session
+        return connection
+    }
+
     func detach(_ member: SharedConnectionMachine.Member) {
         guard let entry = members.removeValue(forKey: member) else { return }
         perform(channels[entry.channel].machine.handle(.detachRequested(member)), on: entry.channel)
@@ -264,11 +276,15 @@ public final class LockSession: @unchecked Sendable {
                     entry.lease?.sharedConnectionFailed(entry.session, error: error)
                 }
             case .lost(let lost, let error):
-                if !lost.isEmpty {
+                // Members include locks between acquisitions, which lose nothing.
+                let held = lost.filter { member in
+                    members[member].map { entry in entry.lease?.holdsOnSharedConnection(in: entry.session) ?? false } ?? false
+                }
+                if !held.isEmpty {
                     logger.warning("shared connection lost with the locks held on it", metadata: [
                         LogField.server: .string(channels[index].endpoint.description), LogField.reason: .string(Redaction.error(error)),
-                        "dflockd.locks_lost": .stringConvertible(lost.count),
-                        "dflockd.keys": .string(lost.prefix(20).compactMap { members[$0]?.lease?.key }.joined(separator: ","))])
+                        "dflockd.locks_lost": .stringConvertible(held.count),
+                        "dflockd.keys": .string(held.prefix(20).compactMap { members[$0]?.lease?.key }.joined(separator: ","))])
                 }
                 for member in lost {
                     guard let entry = members.removeValue(forKey: member) else { continue }

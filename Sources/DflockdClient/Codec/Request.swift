@@ -61,6 +61,17 @@ struct Request: Sendable, Hashable {
         return Request(.renew, key: key, argument: leaseTtlS.map { "\(token) \($0)" } ?? token)
     }
 
+    /// `n` / `sn` (`semaphore`) and `r` / `sr` for a lock's driver, whose key was validated
+    /// when the lock was made and whose token was validated when its grant was decoded: the
+    /// same requests as the checked factories, without checking again on every renewal.
+    static func renew(validatedKey key: String, validatedToken token: String, leaseTtlS: Int?, semaphore: Bool) -> Request {
+        Request(semaphore ? .semaphoreRenew : .renew, key: key, argument: leaseTtlS.map { "\(token) \($0)" } ?? token)
+    }
+
+    static func release(validatedKey key: String, validatedToken token: String, semaphore: Bool) -> Request {
+        Request(semaphore ? .semaphoreRelease : .release, key: key, argument: token)
+    }
+
     static func enqueue(key: String, leaseTtlS: Int? = nil) throws(LockError) -> Request {
         try Validation.key(key)
         try Validation.lease(leaseTtlS)

@@ -1,9 +1,7 @@
 import HeapModule
 
-/// What ``TickTimers`` fires: an object with at most one live timer, named by its generation.
+/// What ``TickTimers`` fires.
 protocol TickTimerOwner: AnyObject {
-    /// The generation of the owner's live timer; an entry of any other generation is stale.
-    var tickTimerGeneration: UInt32 { get }
     /// The owner's live timer came due.
     func tickTimerFired()
 }
@@ -22,17 +20,28 @@ protocol TickTimerOwner: AnyObject {
 /// schedules an entry that fires again in the same pass. Both are far below the lease's
 /// safety margin (a tenth of the lease, at least 100 ms for a 1-second lease).
 ///
-/// Rescheduling and cancelling are O(1): the owner's generation moves on, and older entries
-/// are dropped unfired when their tick comes. Entries hold their owners weakly: a lock dropped
-/// with a timer scheduled goes away at once. Loop thread only.
+/// Each owner has a *slot* (``makeSlot(for:)``), which holds it weakly and names its live
+/// timer by a generation. Rescheduling and cancelling are O(1): the slot's generation moves
+/// on, and older entries (a slot number and a generation, 8 bytes) are dropped unfired when
+/// their tick comes, without touching their owner. An owner dropped with a timer scheduled
+/// goes away at once; ``freeSlot(_:)`` recycles its slot. Loop thread only.
 final class TickTimers<Owner: TickTimerOwner> {
-    private struct Entry {
+    typealias Slot = UInt32
+
+    private struct SlotState {
         weak var owner: Owner?
+        var generation: UInt32 = 0
+    }
+
+    private struct Entry {
+        let slot: Slot
         let generation: UInt32
     }
 
     let tickMs: UInt64
     private let loop: EventLoop
+    private var slots: [SlotState] = []
+    private var freeSlots: [Slot] = []
     private var buckets: [UInt64: [Entry]] = [:]
     /// The ticks that have a bucket, earliest first.
     private var ticks = Heap<UInt64>()
@@ -50,17 +59,48 @@ final class TickTimers<Owner: TickTimerOwner> {
     /// Entries waiting to fire, stale ones included (for tests).
     var entryCount: Int { buckets.values.reduce(0) { $0 + $1.count } }
 
-    /// Fires `owner.tickTimerFired()` about `milliseconds` from the loop's current time, if
-    /// `owner`'s generation is still `generation` then.
-    func schedule(_ owner: Owner, generation: UInt32, afterMilliseconds milliseconds: Int) {
+    /// A slot for `owner`'s timer, unscheduled.
+    func makeSlot(for owner: Owner) -> Slot {
+        loop.assertInLoop()
+        if let slot = freeSlots.popLast() {
+            slots[Int(slot)].owner = owner
+            return slot
+        }
+        slots.append(SlotState(owner: owner))
+        return Slot(slots.count - 1)
+    }
+
+    /// Gives the slot back (its owner is gone or needs it no more); a pending entry of it
+    /// never fires.
+    func freeSlot(_ slot: Slot) {
         loop.assertInLoop()
         guard !isClosed else { return }
+        slots[Int(slot)].generation &+= 1
+        slots[Int(slot)].owner = nil
+        freeSlots.append(slot)
+    }
+
+    /// Fires the slot's owner about `milliseconds` from the loop's current time, replacing
+    /// the slot's earlier schedule.
+    func schedule(_ slot: Slot, afterMilliseconds milliseconds: Int) {
+        loop.assertInLoop()
+        guard !isClosed else { return }
+        slots[Int(slot)].generation &+= 1
         let nowMs = loop.nowMs
         let dueTick = (nowMs + UInt64(max(0, milliseconds))) / tickMs
         let tick = max(dueTick, nowMs / tickMs + 1)
-        if buckets[tick, default: []].isEmpty { ticks.insert(tick) }
-        buckets[tick, default: []].append(Entry(owner: owner, generation: generation))
+        let entry = Entry(slot: slot, generation: slots[Int(slot)].generation)
+        if buckets[tick]?.append(entry) == nil {
+            buckets[tick] = [entry]
+            ticks.insert(tick)
+        }
         settleTimer()
+    }
+
+    /// Unschedules the slot's timer.
+    func cancel(_ slot: Slot) {
+        guard !isClosed else { return }
+        slots[Int(slot)].generation &+= 1
     }
 
     /// Closes the libuv timer; nothing fires any more. Idempotent.
@@ -95,10 +135,10 @@ final class TickTimers<Owner: TickTimerOwner> {
             if let entries = buckets.removeValue(forKey: tick) { due.append(entries) }
         }
         for entries in due {
-            // By index: copying an entry out would copy its weak reference too.
-            for index in entries.indices {
+            for entry in entries {
                 guard !isClosed else { return }
-                guard let owner = entries[index].owner, owner.tickTimerGeneration == entries[index].generation else { continue }
+                let index = Int(entry.slot)
+                guard slots[index].generation == entry.generation, let owner = slots[index].owner else { continue }
                 owner.tickTimerFired()
             }
         }

@@ -33,7 +33,8 @@ struct SharedConnectionMachine: Sendable {
     enum Event: Sendable, Hashable {
         /// A lock wants the connection (the loop's time is `nowMs`).
         case attachRequested(Member, nowMs: UInt64)
-        /// A lock leaves (released, closed, lost, or moved to a connection of its own).
+        /// A lock leaves: dropped, or its member could not serve it again (a lock stays a
+        /// member between acquisitions while the connection is open).
         case detachRequested(Member)
         case connected(Generation)
         /// The connection of `Generation` failed to open or ended; `random` picks the back-off
