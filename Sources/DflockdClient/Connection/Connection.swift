@@ -33,6 +33,9 @@ public final class Connection: @unchecked Sendable {
     public let loop: EventLoop
 
     let configuration: Configuration
+    /// `configuration.gathersWrites`, kept apart: reading it through the configuration copied
+    /// the whole value (TLS options, logger, metrics) on every write.
+    private let gathersWrites: Bool
     weak var delegate: (any ConnectionDelegate)?
     /// Makes the byte stream when the connection starts: TCP unless a test or the fuzz target
     /// substitutes its own (set before the first request). Loop thread.
@@ -172,6 +175,7 @@ public final class Connection: @unchecked Sendable {
         self.endpoint = endpoint
         self.loop = loop
         self.configuration = configuration
+        self.gathersWrites = configuration.gathersWrites
         telemetry = ConnectionTelemetry(endpoint: endpoint, logger: configuration.logger,
                                         metrics: configuration.metrics ?? DflockdMetrics.current)
         // Validated by the public initializers already; checked again so that no path can
@@ -359,7 +363,7 @@ public final class Connection: @unchecked Sendable {
 
     private func flushWrites() {
         guard case .open = core.phase, !core.outbound.isEmpty, transport != nil else { return }
-        if configuration.gathersWrites {
+        if gathersWrites {
             guard !flushQueued else { return }
             flushQueued = true
             loop.atEndOfTurn { [self] in
