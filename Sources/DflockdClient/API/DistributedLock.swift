@@ -84,7 +84,10 @@ public final class DistributedLock: DistributedLease, @unchecked Sendable {
     ///   - acquireTimeoutS: Seconds to wait for the lock before giving up (0: try once, on the
     ///     shared connection).
     ///   - leaseTtlS: Lease length in seconds; `nil` takes the server's default.
-    ///   - renewRatio: Renew when this fraction of the lease has passed (0 < ratio < 1).
+    ///   - renewRatio: Renew when this fraction of the lease has passed (0 < ratio < 1). On the
+    ///     shared connection that is the only rule (the session keeps the connection from
+    ///     going silent); on a connection of the lock's own, it also renews at least every
+    ///     ``DistributedLease/defaultMaxIdleMs``.
     ///   - onLockLost: Called with `(key, token)` on the loop thread when a held lock is lost;
     ///     when a shared connection ends, every lock held through it is lost.
     ///   - session: The session to place the lock on.

@@ -24,7 +24,9 @@ import Synchronization
 ///   otherwise the lock enqueues and waits on a connection of its own.
 /// - **Renewals** go on the shared connection; whatever falls due in one turn of the loop
 ///   leaves in one write, and replies are read in bulk. Each lock keeps its own local lease
-///   deadline.
+///   deadline and renews by its `renewRatio` alone; the session keeps a connection with a held
+///   lock from going silent (every 5 s it checks, and one held lock renews early when the
+///   connection has been quiet that long), well inside the servers' 23-second read timeout.
 /// - **Isolation:** a request refused for one lock (a refused renewal, a release of a lost
 ///   token, `error_max_locks` on a try) affects that lock alone. Only a failure of the
 ///   connection itself (end of stream, reset, a missed deadline, a malformed reply) ends it, and
