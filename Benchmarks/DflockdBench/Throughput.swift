@@ -258,34 +258,67 @@ final class ThroughputBenchmark: @unchecked Sendable {
     }
 }
 
+/// What the completion-handler workers share: the count of their rounds, keeping themselves
+/// alive until the last one, and reporting to the bench. Loop thread only.
+private class CallbackRounds {
+    unowned let bench: ThroughputBenchmark
+    let index: Int
+    let rounds: Int
+    private var completed = 0
+    /// Keeps the worker alive until its last round: the connections hold only its closures.
+    private var selfWhileRunning: CallbackRounds?
+
+    init(bench: ThroughputBenchmark, index: Int) {
+        self.bench = bench
+        self.index = index
+        rounds = bench.settings.rounds
+    }
+
+    /// Starts the worker; it runs until its last round or a failure.
+    final func start() {
+        selfWhileRunning = self
+        begin()
+    }
+
+    /// The worker's first step (dial, or the first round).
+    func begin() {}
+
+    /// Records a round that started at `startNs`; finishes the worker after its last round.
+    /// Whether rounds remain.
+    final func roundFinished(startedAtNs startNs: UInt64) -> Bool {
+        bench.record(monotonicNanoseconds() - startNs)
+        completed += 1
+        guard completed == rounds else { return true }
+        selfWhileRunning = nil
+        bench.workerFinished()
+        return false
+    }
+
+    final func fail(_ message: String) {
+        selfWhileRunning = nil
+        bench.fail(worker: index, message)
+    }
+}
+
 /// One worker driven by completion handlers on the loop thread: no thread hop anywhere.
-private final class CallbackWorker {
-    private unowned let bench: ThroughputBenchmark
-    private let index: Int
+private final class CallbackWorker: CallbackRounds {
     private let key: String
     private let connections: [Connection]
-    private let rounds: Int
     private let pipeline: Bool
     private let timeoutS: Int
     private let leaseTtlS: Int?
     private var started = 0
-    private var completed = 0
-    /// Keeps the worker alive until its last round: the connections hold only its closures.
-    private var selfWhileRunning: CallbackWorker?
 
     init(bench: ThroughputBenchmark, index: Int, key: String, connections: [Connection]) {
-        self.bench = bench
-        self.index = index
         self.key = key
         self.connections = connections
-        rounds = bench.settings.rounds
         pipeline = bench.settings.pipeline
         timeoutS = bench.settings.timeoutS
         leaseTtlS = bench.settings.leaseTtlS
+        super.init(bench: bench, index: index)
     }
 
-    func start() {
-        selfWhileRunning = self
+    override func begin() {
         dial(0)
     }
 
@@ -311,14 +344,7 @@ private final class CallbackWorker {
             case .success(let grant?):
                 connection.release(key: key, token: grant.token) { [self] result in
                     if case .failure(let error) = result { return fail("release: \(error)") }
-                    bench.record(monotonicNanoseconds() - startNs)
-                    completed += 1
-                    if completed == rounds {
-                        selfWhileRunning = nil
-                        bench.workerFinished()
-                    } else if !pipeline {
-                        startRound()
-                    }
+                    if roundFinished(startedAtNs: startNs), !pipeline { startRound() }
                 }
                 // Pipelined: the next acquire goes out right behind the release.
                 if pipeline && started < rounds { startRound() }
@@ -329,32 +355,19 @@ private final class CallbackWorker {
             }
         }
     }
-
-    private func fail(_ message: String) {
-        selfWhileRunning = nil
-        bench.fail(worker: index, message)
-    }
 }
 
 /// One worker with a DistributedLock on the bench's LockSession, driven by completion handlers
 /// on the loop thread.
-private final class SessionWorker {
-    private unowned let bench: ThroughputBenchmark
-    private let index: Int
+private final class SessionWorker: CallbackRounds {
     private let lock: DistributedLock
-    private let rounds: Int
-    private var completed = 0
-    private var selfWhileRunning: SessionWorker?
 
     init(bench: ThroughputBenchmark, index: Int, lock: DistributedLock) {
-        self.bench = bench
-        self.index = index
         self.lock = lock
-        rounds = bench.settings.rounds
+        super.init(bench: bench, index: index)
     }
 
-    func start() {
-        selfWhileRunning = self
+    override func begin() {
         startRound()
     }
 
@@ -366,14 +379,7 @@ private final class SessionWorker {
             case .success(true):
                 lock.release { [self] result in
                     if case .failure(let error) = result { return fail("release: \(error)") }
-                    bench.record(monotonicNanoseconds() - startNs)
-                    completed += 1
-                    if completed == rounds {
-                        selfWhileRunning = nil
-                        bench.workerFinished()
-                    } else {
-                        startRound()
-                    }
+                    if roundFinished(startedAtNs: startNs) { startRound() }
                 }
             case .success(false):
                 fail("acquire timed out")
@@ -381,11 +387,6 @@ private final class SessionWorker {
                 fail("acquire: \(error)")
             }
         }
-    }
-
-    private func fail(_ message: String) {
-        selfWhileRunning = nil
-        bench.fail(worker: index, message)
     }
 }
 
