@@ -353,21 +353,16 @@ public class DistributedLease: @unchecked Sendable {
             }
         case .send(let session, let outgoing):
             send(outgoing, session: session)
-        case .scheduleTimer(let session, let milliseconds) where settings.session != nil:
+        case .scheduleTimer(let session, let milliseconds):
             timerSession = session
             if let timers = settings.session?.leaseTimers {
                 let slot = tickTimerSlot ?? timers.makeSlot(for: self)
                 tickTimerSlot = slot
                 timers.schedule(slot, afterMilliseconds: milliseconds)
+                return
             }
-        case .scheduleTimer(let session, let milliseconds):
-            let timer = leaseTimer ?? LoopTimer(loop: loop) { [weak self] in
-                guard let self else { return }
-                uv_update_time(loop.raw)
-                drive(.timerFired(timerSession, nowMs: uv_now(loop.raw)))
-            }
+            let timer = leaseTimer ?? LoopTimer(loop: loop) { [weak self] in self?.leaseTimerFired() }
             leaseTimer = timer
-            timerSession = session
             timer.schedule(afterMilliseconds: milliseconds)
         case .cancelTimer:
             leaseTimer?.cancel()
@@ -517,6 +512,12 @@ extension DistributedLease: TickTimerOwner {
 
     /// The session's ``TickTimers`` fired this lock's live timer. Loop thread.
     func tickTimerFired() {
+        leaseTimerFired()
+    }
+
+    /// The lease timer (the lock's own or its slot of the session's) fired, perhaps late: the
+    /// machine decides with the loop's fresh time.
+    private func leaseTimerFired() {
         uv_update_time(loop.raw)
         drive(.timerFired(timerSession, nowMs: uv_now(loop.raw)))
     }

@@ -101,10 +101,9 @@ public final class DistributedLock: DistributedLease, @unchecked Sendable {
                 onLockLost: (@Sendable (String, String) -> Void)? = nil,
                 session: LockSession,
                 logger: Logger = Logger(label: "dflockd", factory: { _ in SwiftLogNoOpLogHandler() })) throws(LockError) {
-        let settings = try LeaseSettings(.lock, LeaseOptions(
-            key: key, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS, servers: nil, shardingStrategy: session.shardingStrategy,
-            host: nil, port: nil, renewRatio: renewRatio, tls: nil, auth: nil, onLockLost: onLockLost,
-            connectTimeoutMs: nil, socketTimeoutMs: nil, maxIdleMs: DistributedLease.defaultMaxIdleMs, logger: logger), session: session)
+        let settings = try LeaseSettings(.lock, .onSession(session, key: key, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS,
+                                                           renewRatio: renewRatio, onLockLost: onLockLost, logger: logger),
+                                         session: session)
         super.init(settings: settings, loop: session.loop)
     }
 }

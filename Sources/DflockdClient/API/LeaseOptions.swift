@@ -22,6 +22,16 @@ struct LeaseOptions: Sendable {
     var logger = Logger.disabled
 
     /// The connection-level part.
+    /// The options of a lock or semaphore placed on `session`: servers, sharding, TLS, auth and
+    /// timeouts are the session's; a connection of the lock's own is kept from the servers'
+    /// read timeout by the default `maxIdleMs`.
+    static func onSession(_ session: LockSession, key: String, acquireTimeoutS: Int, leaseTtlS: Int?, renewRatio: Double,
+                          onLockLost: (@Sendable (String, String) -> Void)?, logger: Logger) -> LeaseOptions {
+        LeaseOptions(key: key, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS, servers: nil, shardingStrategy: session.shardingStrategy,
+                     host: nil, port: nil, renewRatio: renewRatio, tls: nil, auth: nil, onLockLost: onLockLost,
+                     connectTimeoutMs: nil, socketTimeoutMs: nil, maxIdleMs: DistributedLease.defaultMaxIdleMs, logger: logger)
+    }
+
     var connection: ConnectionOptions {
         ConnectionOptions(tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs, logger: logger)
     }
