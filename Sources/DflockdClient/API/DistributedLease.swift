@@ -43,7 +43,7 @@ public class DistributedLease: @unchecked Sendable {
     private var timerSession: LeaseMachine.Session = 0
     private var tickTimerSlot: TickTimers<DistributedLease>.Slot?
     /// The completion of every call the machine has not completed yet.
-    private var completions: [LeaseMachine.CallID: PendingCompletion] = [:]
+    private var completions = CallTable<LeaseMachine.CallID, PendingCompletion>()
     /// Set while a completion is owed, so that it runs even if the caller let go.
     private var selfWhileBusy: DistributedLease?
     /// Events that arrived while the machine's actions were being performed (a connection
@@ -80,9 +80,7 @@ public class DistributedLease: @unchecked Sendable {
     init(settings: LeaseSettings, loop: EventLoop) {
         self.settings = settings
         self.loop = loop
-        self.machine = LeaseMachine(key: settings.key, acquireTimeoutS: settings.acquireTimeoutS,
-                                    renewRatio: settings.renewRatio, maxIdleMs: settings.maxIdleMs, members: settings.members,
-                                    sharesConnection: settings.session != nil, jitterSeed: UInt64.random(in: 1...UInt64.max))
+        self.machine = LeaseMachine(configuration: settings, jitterSeed: UInt64.random(in: 1...UInt64.max))
         self.published = ThreadLock(Published(lease: settings.leaseTtlS ?? 0))
         self.telemetry = LeaseTelemetry(settings: settings)
         settings.session?.register(self)
@@ -268,7 +266,7 @@ public class DistributedLease: @unchecked Sendable {
     private func call(_ call: LeaseMachine.CallID, _ completion: PendingCompletion,
                       _ event: @escaping (LeaseMachine.CallID) -> LeaseMachine.Event) {
         loop.runOnLoop(ifShutDown: { Self.complete(completion, .failed(.eventLoopShutDown)) }) { [self] in
-            completions[call] = completion
+            completions.set(completion, for: call)
             drive(event(call), deliverLater: true)
         }
     }
@@ -284,7 +282,15 @@ public class DistributedLease: @unchecked Sendable {
         }
         isDraining = true
         step(event)
-        while !eventQueue.isEmpty { step(eventQueue.removeFirst()) }
+        if !eventQueue.isEmpty {
+            var next = 0
+            while next < eventQueue.count {
+                step(eventQueue[next])
+                next += 1
+            }
+            // Not kept for the next time: with 100,000 locks a queue's storage each is 20 MB.
+            eventQueue = []
+        }
         isDraining = false
         publish()
         let wasBusy = selfWhileBusy

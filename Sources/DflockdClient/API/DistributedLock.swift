@@ -67,7 +67,7 @@ public final class DistributedLock: DistributedLease, @unchecked Sendable {
                 socketTimeoutMs: Int? = nil,
                 maxIdleMs: Int? = DistributedLease.defaultMaxIdleMs,
                 loop: EventLoop = .shared,
-                logger: Logger = Logger(label: "dflockd", factory: { _ in SwiftLogNoOpLogHandler() })) throws(LockError) {
+                logger: Logger = .disabled) throws(LockError) {
         let settings = try LeaseSettings(.lock, LeaseOptions(
             key: key, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS, servers: servers, shardingStrategy: shardingStrategy,
             host: host, port: port, renewRatio: renewRatio, tls: tls, auth: auth, onLockLost: onLockLost,
@@ -100,7 +100,7 @@ public final class DistributedLock: DistributedLease, @unchecked Sendable {
                 renewRatio: Double = 0.5,
                 onLockLost: (@Sendable (String, String) -> Void)? = nil,
                 session: LockSession,
-                logger: Logger = Logger(label: "dflockd", factory: { _ in SwiftLogNoOpLogHandler() })) throws(LockError) {
+                logger: Logger = .disabled) throws(LockError) {
         let settings = try LeaseSettings(.lock, .onSession(session, key: key, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS,
                                                            renewRatio: renewRatio, onLockLost: onLockLost, logger: logger),
                                          session: session)

@@ -32,7 +32,7 @@ public final class DistributedSemaphore: DistributedLease, @unchecked Sendable {
                 socketTimeoutMs: Int? = nil,
                 maxIdleMs: Int? = DistributedLease.defaultMaxIdleMs,
                 loop: EventLoop = .shared,
-                logger: Logger = Logger(label: "dflockd", factory: { _ in SwiftLogNoOpLogHandler() })) throws(LockError) {
+                logger: Logger = .disabled) throws(LockError) {
         let settings = try LeaseSettings(.semaphore(limit: limit), LeaseOptions(
             key: key, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS, servers: servers, shardingStrategy: shardingStrategy,
             host: host, port: port, renewRatio: renewRatio, tls: tls, auth: auth, onLockLost: onLockLost,
@@ -53,7 +53,7 @@ public final class DistributedSemaphore: DistributedLease, @unchecked Sendable {
                 renewRatio: Double = 0.5,
                 onLockLost: (@Sendable (String, String) -> Void)? = nil,
                 session: LockSession,
-                logger: Logger = Logger(label: "dflockd", factory: { _ in SwiftLogNoOpLogHandler() })) throws(LockError) {
+                logger: Logger = .disabled) throws(LockError) {
         let settings = try LeaseSettings(.semaphore(limit: limit),
                                          .onSession(session, key: key, acquireTimeoutS: acquireTimeoutS, leaseTtlS: leaseTtlS,
                                                     renewRatio: renewRatio, onLockLost: onLockLost, logger: logger),

@@ -3,25 +3,18 @@ import Logging
 /// The validated options of a lock or semaphore (from ``LeaseOptions``), and the commands that
 /// speak for it.
 ///
-/// A class, so that the lock and its telemetry share one copy: with 100,000 locks on a
-/// session, every byte per lock counts (a lock on a session keeps no connection options of its
-/// own; it takes the session's when it opens a connection).
-final class LeaseSettings: Sendable {
+/// A class, so that the lock, its machine (whose configuration this is) and its telemetry share
+/// one copy: with 100,000 locks on a session, every byte per lock counts (a lock on a session
+/// keeps no connection options of its own; it takes the session's when it opens a connection).
+final class LeaseSettings: LeaseMachine.Configuration, @unchecked Sendable {
     enum Kind: Sendable, Hashable {
         case lock
         case semaphore(limit: Int)
     }
 
     let kind: Kind
-    let key: String
-    let acquireTimeoutS: Int
     let leaseTtlS: Int?
     let endpoint: Endpoint
-    /// Every configured server, the key's shard among them: a cluster's members, to which a
-    /// follower's redirect may lead.
-    let members: [Endpoint]
-    let renewRatio: Double
-    let maxIdleMs: Int?
     /// The connection options of a lock that is not on a session.
     private let ownConnection: ConfigurationBox?
     let onLockLost: (@Sendable (String, String) -> Void)?
@@ -51,19 +44,18 @@ final class LeaseSettings: Sendable {
         }
 
         self.kind = kind
-        self.key = options.key
-        self.acquireTimeoutS = options.acquireTimeoutS
         self.leaseTtlS = options.leaseTtlS
         self.endpoint = Endpoint(host: servers[index].0, port: servers[index].1)
-        self.members = servers.map { Endpoint(host: $0.0, port: $0.1) }
-        self.renewRatio = options.renewRatio
-        self.maxIdleMs = options.maxIdleMs
         self.ownConnection = ConfigurationBox(connection)
         self.onLockLost = options.onLockLost
         self.logger = options.logger
         self.metrics = Self.leaseMetrics(for: kind)
         self.session = nil
         self.channel = 0
+        // Every configured server, the key's shard among them: a cluster's members, to which a
+        // follower's redirect may lead.
+        super.init(key: options.key, acquireTimeoutS: options.acquireTimeoutS, renewRatio: options.renewRatio,
+                   maxIdleMs: options.maxIdleMs, members: servers.map { Endpoint(host: $0.0, port: $0.1) }, sharesConnection: false)
     }
 
     /// The settings of a lock placed on `session`: servers, TLS, auth and timeouts are the
@@ -73,21 +65,18 @@ final class LeaseSettings: Sendable {
         try Connection.validate(milliseconds: options.maxIdleMs, name: "maxIdleMs")
         let placement = try session.place(key: options.key)
         self.kind = kind
-        self.key = options.key
-        self.acquireTimeoutS = options.acquireTimeoutS
         self.leaseTtlS = options.leaseTtlS
         self.endpoint = placement.endpoint
-        // A request on a connection of the lock's own follows a redirect among the session's
-        // servers; one on the shared connection does not (LeaseMachine.redirect).
-        self.members = session.endpoints
-        self.renewRatio = options.renewRatio
-        self.maxIdleMs = options.maxIdleMs
         self.ownConnection = nil
         self.onLockLost = options.onLockLost
         self.logger = options.logger
         self.metrics = Self.leaseMetrics(for: kind)
         self.session = session
         self.channel = placement.channel
+        // A request on a connection of the lock's own follows a redirect among the session's
+        // servers; one on the shared connection does not (LeaseMachine.redirect).
+        super.init(key: options.key, acquireTimeoutS: options.acquireTimeoutS, renewRatio: options.renewRatio,
+                   maxIdleMs: options.maxIdleMs, members: session.endpoints, sharesConnection: true)
     }
 
     /// The options of a connection the lock opens for itself: its own, or on a session the

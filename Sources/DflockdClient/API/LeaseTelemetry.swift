@@ -15,7 +15,7 @@ struct LeaseTelemetry {
     private var logger: Logger { settings.logger }
     private var metrics: DflockdMetrics.Lease { settings.metrics }
     /// When each acquire, enqueue and wait in flight was started (loop clock).
-    private var startedMs: [LeaseMachine.CallID: UInt64] = [:]
+    private var startedMs = CallTable<LeaseMachine.CallID, UInt64>()
     /// Whether the held gauge counts this lease now.
     private(set) var countsAsHeld = false
     /// Why the last session ended, when it failed rather than being closed or released: the
@@ -38,7 +38,7 @@ struct LeaseTelemetry {
                           after machine: LeaseMachine, nowMs: UInt64) {
         switch event {
         case .acquireRequested(let call, _), .enqueueRequested(let call, _), .waitRequested(let call, _):
-            startedMs[call] = nowMs
+            startedMs.set(nowMs, for: call)
         case .answered(_, .renew, .renewed(let leaseS), let sentAtMs):
             if let holding = before.holding, machine.holding != nil {
                 renewed(leaseS: leaseS, sentAtMs: sentAtMs, deadlineMs: holding.deadlineMs, nowMs: nowMs)

@@ -131,7 +131,7 @@ public final class LockSession: @unchecked Sendable {
                 connectTimeoutMs: Int? = nil,
                 socketTimeoutMs: Int? = nil,
                 loop: EventLoop = .shared,
-                logger: Logger = Logger(label: "dflockd", factory: { _ in SwiftLogNoOpLogHandler() })) throws(LockError) {
+                logger: Logger = .disabled) throws(LockError) {
         let servers = servers ?? [("127.0.0.1", 6388)]
         guard !servers.isEmpty else {
             throw .invalidArgument(name: "servers", reason: "must name at least one (host, port)")

@@ -149,7 +149,7 @@ public final class Connection: @unchecked Sendable {
                 requestTimeoutMs: Int = Connection.defaultRequestTimeoutMs,
                 blockingGraceMs: Int = Connection.defaultBlockingGraceMs,
                 loop: EventLoop = .shared,
-                logger: Logger = Logger(label: "dflockd", factory: { _ in SwiftLogNoOpLogHandler() })) throws(LockError) {
+                logger: Logger = .disabled) throws(LockError) {
         try Self.validate(host: host, port: port)
         if let auth { try Validation.secret(auth) }
         // Loads the files TLS needs (once per distinct options), so a missing CA file or key is

@@ -142,20 +142,44 @@ struct LeaseMachine: Sendable {
         case closed(lostToken: String?)
     }
 
-    let key: String
-    let acquireTimeoutS: Int
-    let renewRatio: Double
-    /// The longest gap between two requests on a held connection: servers close a connection
-    /// that sends nothing for their read timeout (23 s by default), releasing its locks. It
-    /// caps the renewal period of a lock on a connection of its own; a shared connection is
-    /// kept from going silent by its ``LockSession`` instead (one early renewal for the whole
-    /// connection, not every lock renewing that often).
-    let maxIdleMs: Int?
-    /// Every configured server: a cluster follower's redirect is followed only to one of them.
-    let members: [Endpoint]
-    /// A lock on a ``LockSession``: acquire and enqueue first try the key on the shared
-    /// connection without blocking, and hold it there when granted.
-    let sharesConnection: Bool
+    /// What a machine is made with, fixed for its life. A class, so that the machine (a value,
+    /// copied as it steps) carries one reference, and so that a lock's settings can be this very
+    /// object (``LeaseSettings`` extends it): with 100,000 locks, a copy of these in every
+    /// machine cost 50 bytes a lock.
+    class Configuration: @unchecked Sendable {
+        let key: String
+        let acquireTimeoutS: Int
+        let renewRatio: Double
+        /// The longest gap between two requests on a held connection: servers close a
+        /// connection that sends nothing for their read timeout (23 s by default), releasing its
+        /// locks. It caps the renewal period of a lock on a connection of its own; a shared
+        /// connection is kept from going silent by its ``LockSession`` instead (one early
+        /// renewal for the whole connection, not every lock renewing that often).
+        let maxIdleMs: Int?
+        /// Every configured server: a cluster follower's redirect is followed only to one of
+        /// them.
+        let members: [Endpoint]
+        /// A lock on a ``LockSession``: acquire and enqueue first try the key on the shared
+        /// connection without blocking, and hold it there when granted.
+        let sharesConnection: Bool
+
+        init(key: String, acquireTimeoutS: Int, renewRatio: Double, maxIdleMs: Int?, members: [Endpoint], sharesConnection: Bool) {
+            self.key = key
+            self.acquireTimeoutS = acquireTimeoutS
+            self.renewRatio = renewRatio
+            self.maxIdleMs = maxIdleMs
+            self.members = members
+            self.sharesConnection = sharesConnection
+        }
+    }
+
+    let configuration: Configuration
+    var key: String { configuration.key }
+    var acquireTimeoutS: Int { configuration.acquireTimeoutS }
+    var renewRatio: Double { configuration.renewRatio }
+    var maxIdleMs: Int? { configuration.maxIdleMs }
+    var members: [Endpoint] { configuration.members }
+    var sharesConnection: Bool { configuration.sharesConnection }
     private(set) var state = State.idle
     /// Redirects followed for the call (or renewal) in flight; see ``LeaderHint/redirectBudget``.
     private var redirects = 0
@@ -173,15 +197,16 @@ struct LeaseMachine: Sendable {
     /// The latest session opened; it is live while ``isConnected``.
     private(set) var session: Session = 0
 
+    init(configuration: Configuration, jitterSeed: UInt64 = 0) {
+        self.configuration = configuration
+        self.jitterState = jitterSeed | 1
+    }
+
     init(key: String, acquireTimeoutS: Int, renewRatio: Double, maxIdleMs: Int? = nil, members: [Endpoint] = [],
          sharesConnection: Bool = false, jitterSeed: UInt64 = 0) {
-        self.key = key
-        self.acquireTimeoutS = acquireTimeoutS
-        self.renewRatio = renewRatio
-        self.maxIdleMs = maxIdleMs
-        self.members = members
-        self.sharesConnection = sharesConnection
-        self.jitterState = jitterSeed | 1
+        self.init(configuration: Configuration(key: key, acquireTimeoutS: acquireTimeoutS, renewRatio: renewRatio, maxIdleMs: maxIdleMs,
+                                               members: members, sharesConnection: sharesConnection),
+                  jitterSeed: jitterSeed)
     }
 
     /// What must be sent when the driver is dropped now: a lock held on a shared connection

@@ -78,6 +78,7 @@ enum Redaction {
 
 extension Logger {
     /// The logger of an object created without one: it logs nothing, and costs one level check
-    /// per log statement.
-    static let disabled = Logger(label: "dflockd", factory: { _ in SwiftLogNoOpLogHandler() })
+    /// per log statement. One value shared by all (the default arguments of the public
+    /// initializers), so that a lock made without a logger allocates none.
+    @usableFromInline static let disabled = Logger(label: "dflockd", factory: { _ in SwiftLogNoOpLogHandler() })
 }
