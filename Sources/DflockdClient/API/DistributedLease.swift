@@ -23,6 +23,8 @@ public class DistributedLease: @unchecked Sendable {
     public let loop: EventLoop
 
     let settings: LeaseSettings
+    /// Where the lock's session keeps it (0 without a session).
+    private var registryIndex: UInt32 = 0
 
     // Loop-confined.
     private var machine: LeaseMachine
@@ -83,14 +85,14 @@ public class DistributedLease: @unchecked Sendable {
         self.machine = LeaseMachine(configuration: settings, jitterSeed: UInt64.random(in: 1...UInt64.max))
         self.published = ThreadLock(Published(lease: settings.leaseTtlS ?? 0))
         self.telemetry = LeaseTelemetry(settings: settings)
-        settings.session?.register(self)
+        registryIndex = settings.session?.register(self) ?? 0
     }
 
     deinit {
         telemetry.released()
         let timer = self.leaseTimer
         if let session = settings.session {
-            session.unregister(ObjectIdentifier(self))
+            session.unregister(registryIndex)
             // A lock held on a shared connection is released there: the connection stays.
             let release = machine.releaseWhenDropped.flatMap { dropped in try? settings.request(for: .release(token: dropped.token)) }
             let (member, channel, slot) = (sharedMember, settings.channel, tickTimerSlot)

@@ -68,14 +68,18 @@ public final class LockSession: @unchecked Sendable {
 
     /// Spreads the locks of one server over its connections, in turn. Any thread.
     private let placements = Atomic<UInt64>(0)
-    /// Every lock placed on the session, for ``close()``. Any thread.
-    private let registry = ThreadLock<[ObjectIdentifier: WeakLease]>([:])
+    /// Every lock placed on the session, for ``close()``, at the index the lock was given when
+    /// it registered. Any thread.
+    private let registry = ThreadLock(Registry())
     private let isClosed = Atomic<Bool>(false)
 
     // Loop-confined.
     private var channels: [Channel]
-    private var members: [SharedConnectionMachine.Member: MemberEntry] = [:]
-    private var nextMember: UInt64 = 0
+    /// The locks attached to a shared connection, each at the slot its member names. Slots, not
+    /// a dictionary: at 100,000 locks a dictionary's table has 262,144 buckets (it grows at
+    /// three quarters full), which cost 84 bytes a lock here.
+    private var members: [MemberEntry] = []
+    private var freeMembers: [UInt32] = []
     private var random = SystemRandomNumberGenerator()
 
     /// One shared connection slot: its machine and, while one exists, its connection.
@@ -96,11 +100,36 @@ public final class LockSession: @unchecked Sendable {
         weak var lease: DistributedLease?
         /// The lock's session the member serves now (or served last, between acquisitions).
         var session: LeaseMachine.Session
-        let channel: Int
+        /// Odd while the slot is in use, and the high half of its member's `raw` then; it moves
+        /// on when the slot is freed, so that a stale member finds nothing.
+        var generation: UInt32
+        var channel: UInt32
     }
 
-    private struct WeakLease {
-        weak var lease: DistributedLease?
+    /// The locks placed on the session (slots of weak references, `nil` when free).
+    struct Registry {
+        private var leases: [WeakLease] = []
+        private var free: [UInt32] = []
+
+        private struct WeakLease {
+            weak var lease: DistributedLease?
+        }
+
+        mutating func insert(_ lease: DistributedLease) -> UInt32 {
+            if let index = free.popLast() {
+                leases[Int(index)].lease = lease
+                return index
+            }
+            leases.append(WeakLease(lease: lease))
+            return UInt32(leases.count - 1)
+        }
+
+        mutating func remove(_ index: UInt32) {
+            leases[Int(index)].lease = nil
+            free.append(index)
+        }
+
+        var all: [DistributedLease] { leases.compactMap(\.lease) }
     }
 
     /// Creates a session. Nothing touches the network until a lock on it acquires.
@@ -177,8 +206,7 @@ public final class LockSession: @unchecked Sendable {
         guard !isClosed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         // `run()` returns once the locks are closed (or the loop is gone).
         loop.runOnLoop(ifShutDown: { [lifecycle] in lifecycle.markClosed() }) { [self] in
-            let leases = registry.withLock { registry in registry.values.compactMap(\.lease) }
-            for lease in leases { lease.closeForSession() }
+            for lease in registry.withLock(\.all) { lease.closeForSession() }
             for index in channels.indices { perform(channels[index].machine.handle(.closeRequested), on: index) }
             lifecycle.markClosed()
         }
@@ -196,17 +224,18 @@ public final class LockSession: @unchecked Sendable {
         return (server * connectionsPerServer + turn, endpoints[server])
     }
 
-    func register(_ lease: DistributedLease) {
-        registry.withLock { $0[ObjectIdentifier(lease)] = WeakLease(lease: lease) }
+    /// Places `lease` in the registry; the index unregisters it. Any thread.
+    func register(_ lease: DistributedLease) -> UInt32 {
+        registry.withLock { $0.insert(lease) }
     }
 
     /// Every lock placed on the session that still exists. Any thread.
     var placedLeases: [DistributedLease] {
-        registry.withLock { registry in registry.values.compactMap(\.lease) }
+        registry.withLock(\.all)
     }
 
-    func unregister(_ identifier: ObjectIdentifier) {
-        registry.withLock { $0[identifier] = nil }
+    func unregister(_ index: UInt32) {
+        registry.withLock { $0.remove(index) }
     }
 
     // MARK: - The locks' side (loop thread)
@@ -216,9 +245,18 @@ public final class LockSession: @unchecked Sendable {
     /// own call (the lease queues events that arrive while it performs actions).
     func attach(_ lease: DistributedLease, session: LeaseMachine.Session, channel: Int) -> SharedConnectionMachine.Member {
         loop.assertInLoop()
-        nextMember &+= 1
-        let member = SharedConnectionMachine.Member(raw: nextMember)
-        members[member] = MemberEntry(lease: lease, session: session, channel: channel)
+        let index: Int
+        if let free = freeMembers.popLast() {
+            index = Int(free)
+            members[index].generation &+= 1
+            members[index].lease = lease
+            members[index].session = session
+            members[index].channel = UInt32(channel)
+        } else {
+            index = members.count
+            members.append(MemberEntry(lease: lease, session: session, generation: 1, channel: UInt32(channel)))
+        }
+        let member = SharedConnectionMachine.Member(raw: UInt64(members[index].generation) << 32 | UInt64(index))
         perform(channels[channel].machine.handle(.attachRequested(member, nowMs: loop.nowMs)), on: channel)
         return member
     }
@@ -228,15 +266,37 @@ public final class LockSession: @unchecked Sendable {
     /// connection it was on has ended).
     func reattach(_ member: SharedConnectionMachine.Member, session: LeaseMachine.Session) -> Connection? {
         loop.assertInLoop()
-        guard let channel = members[member]?.channel, case .open = channels[channel].machine.phase,
-              channels[channel].machine.attached.contains(member), let connection = channels[channel].connection else { return nil }
-        members[member]?.session = session
+        guard let index = slot(of: member) else { return nil }
+        let channel = Int(members[index].channel)
+        guard case .open = channels[channel].machine.phase, channels[channel].machine.attached.contains(member),
+              let connection = channels[channel].connection else { return nil }
+        members[index].session = session
         return connection
     }
 
     func detach(_ member: SharedConnectionMachine.Member) {
-        guard let entry = members.removeValue(forKey: member) else { return }
-        perform(channels[entry.channel].machine.handle(.detachRequested(member)), on: entry.channel)
+        guard let entry = removeMember(member) else { return }
+        perform(channels[Int(entry.channel)].machine.handle(.detachRequested(member)), on: Int(entry.channel))
+    }
+
+    /// The slot of a member still attached.
+    private func slot(of member: SharedConnectionMachine.Member) -> Int? {
+        let index = Int(truncatingIfNeeded: member.raw & 0xFFFF_FFFF)
+        guard members.indices.contains(index), UInt64(members[index].generation) == member.raw >> 32 else { return nil }
+        return index
+    }
+
+    private func entry(of member: SharedConnectionMachine.Member) -> MemberEntry? {
+        slot(of: member).map { members[$0] }
+    }
+
+    private func removeMember(_ member: SharedConnectionMachine.Member) -> MemberEntry? {
+        guard let index = slot(of: member) else { return nil }
+        let entry = members[index]
+        members[index].generation &+= 1
+        members[index].lease = nil
+        freeMembers.append(UInt32(index))
+        return entry
     }
 
     /// Sends `request` on the channel's open connection, whose answer nobody waits for (a
@@ -264,7 +324,7 @@ public final class LockSession: @unchecked Sendable {
                 guard let connection = channels[index].connection else { continue }
                 startIdleGuard(index)
                 for member in admitted {
-                    guard let entry = members[member] else { continue }
+                    guard let entry = entry(of: member) else { continue }
                     entry.lease?.sharedConnectionReady(entry.session, connection: connection)
                 }
             case .reject(let rejected, let error):
@@ -274,22 +334,22 @@ public final class LockSession: @unchecked Sendable {
                         "dflockd.calls_failed": .stringConvertible(rejected.count)])
                 }
                 for member in rejected {
-                    guard let entry = members.removeValue(forKey: member) else { continue }
+                    guard let entry = removeMember(member) else { continue }
                     entry.lease?.sharedConnectionFailed(entry.session, error: error)
                 }
             case .lost(let lost, let error):
                 // Members include locks between acquisitions, which lose nothing.
                 let held = lost.filter { member in
-                    members[member].map { entry in entry.lease?.holdsOnSharedConnection(in: entry.session) ?? false } ?? false
+                    entry(of: member).map { entry in entry.lease?.holdsOnSharedConnection(in: entry.session) ?? false } ?? false
                 }
                 if !held.isEmpty {
                     logger.warning("shared connection lost with the locks held on it", metadata: [
                         LogField.server: .string(channels[index].endpoint.description), LogField.reason: .string(Redaction.error(error)),
                         "dflockd.locks_lost": .stringConvertible(held.count),
-                        "dflockd.keys": .string(held.prefix(20).compactMap { members[$0]?.lease?.key }.joined(separator: ","))])
+                        "dflockd.keys": .string(held.prefix(20).compactMap { entry(of: $0)?.lease?.key }.joined(separator: ","))])
                 }
                 for member in lost {
-                    guard let entry = members.removeValue(forKey: member) else { continue }
+                    guard let entry = removeMember(member) else { continue }
                     entry.lease?.sharedConnectionFailed(entry.session, error: error)
                 }
             case .closeWhenAnswered:
@@ -326,7 +386,7 @@ public final class LockSession: @unchecked Sendable {
         }
         if loop.nowMs &- connection.lastWriteMs >= UInt64(idleCheckMs) {
             for member in channel.machine.attached {
-                if let lease = members[member]?.lease, lease.renewForSilentConnection() { break }
+                if let lease = entry(of: member)?.lease, lease.renewForSilentConnection() { break }
             }
         }
         channel.idleGuard?.schedule(afterMilliseconds: idleCheckMs)
