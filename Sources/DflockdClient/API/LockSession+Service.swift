@@ -62,7 +62,7 @@ extension LockSession: Service {
         let limit = gracefulShutdownLimit
         let released = await Self.firstOf(limit) {
             await withTaskGroup(of: Void.self) { group in
-                for lease in held { group.addTask { _ = try? await lease.release() } }
+                for lease in held { group.addTask { await lease.release() } }
             }
         }
         if !released {

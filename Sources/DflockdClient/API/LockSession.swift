@@ -62,7 +62,7 @@ public final class LockSession: @unchecked Sendable {
     /// shorten it.
     var idleCheckMs = DistributedLease.defaultMaxIdleMs / 2
     /// The lease timers of every lock on the session, on one libuv timer. Loop-confined.
-    let leaseTimers: TickTimers<DistributedLease>
+    let leaseTimers: TickTimers<LeaseDriver>
     /// Run and graceful shutdown under swift-service-lifecycle (LockSession+Service.swift).
     let lifecycle = SessionLifecycle()
 
@@ -97,7 +97,8 @@ public final class LockSession: @unchecked Sendable {
     }
 
     private struct MemberEntry {
-        weak var lease: DistributedLease?
+        /// Not kept alive by the session: a driver detaches before it goes.
+        unowned(unsafe) var lease: LeaseDriver?
         /// The lock's session the member serves now (or served last, between acquisitions).
         var session: LeaseMachine.Session
         /// Odd while the slot is in use, and the high half of its member's `raw` then; it moves
@@ -106,30 +107,33 @@ public final class LockSession: @unchecked Sendable {
         var channel: UInt32
     }
 
-    /// The locks placed on the session (slots of weak references, `nil` when free).
+    /// The drivers of the locks placed on the session, `nil` in a free slot. A handle
+    /// unregisters its driver as it goes, before the driver can go, so a driver read under the
+    /// registry's lock is alive; the registry does not keep it alive, nor refer to it weakly
+    /// (see ``LeaseDriver``).
     struct Registry {
-        private var leases: [WeakLease] = []
+        private var drivers: [Entry] = []
         private var free: [UInt32] = []
 
-        private struct WeakLease {
-            weak var lease: DistributedLease?
+        private struct Entry {
+            unowned(unsafe) var driver: LeaseDriver?
         }
 
-        mutating func insert(_ lease: DistributedLease) -> UInt32 {
+        mutating func insert(_ driver: LeaseDriver) -> UInt32 {
             if let index = free.popLast() {
-                leases[Int(index)].lease = lease
+                drivers[Int(index)].driver = driver
                 return index
             }
-            leases.append(WeakLease(lease: lease))
-            return UInt32(leases.count - 1)
+            drivers.append(Entry(driver: driver))
+            return UInt32(drivers.count - 1)
         }
 
         mutating func remove(_ index: UInt32) {
-            leases[Int(index)].lease = nil
+            drivers[Int(index)].driver = nil
             free.append(index)
         }
 
-        var all: [DistributedLease] { leases.compactMap(\.lease) }
+        var all: [LeaseDriver] { drivers.compactMap(\.driver) }
     }
 
     /// Creates a session. Nothing touches the network until a lock on it acquires.
@@ -224,13 +228,13 @@ public final class LockSession: @unchecked Sendable {
         return (server * connectionsPerServer + turn, endpoints[server])
     }
 
-    /// Places `lease` in the registry; the index unregisters it. Any thread.
-    func register(_ lease: DistributedLease) -> UInt32 {
-        registry.withLock { $0.insert(lease) }
+    /// Places a lock's driver in the registry; the index unregisters it. Any thread.
+    func register(_ driver: LeaseDriver) -> UInt32 {
+        registry.withLock { $0.insert(driver) }
     }
 
-    /// Every lock placed on the session that still exists. Any thread.
-    var placedLeases: [DistributedLease] {
+    /// The drivers of every lock placed on the session whose handle still exists. Any thread.
+    var placedLeases: [LeaseDriver] {
         registry.withLock(\.all)
     }
 
@@ -243,7 +247,7 @@ public final class LockSession: @unchecked Sendable {
     /// `lease` wants channel `channel` for its session `session`: it hears
     /// `sharedConnectionReady` or `sharedConnectionFailed`, never inside this call's caller's
     /// own call (the lease queues events that arrive while it performs actions).
-    func attach(_ lease: DistributedLease, session: LeaseMachine.Session, channel: Int) -> SharedConnectionMachine.Member {
+    func attach(_ lease: LeaseDriver, session: LeaseMachine.Session, channel: Int) -> SharedConnectionMachine.Member {
         loop.assertInLoop()
         let index: Int
         if let free = freeMembers.popLast() {

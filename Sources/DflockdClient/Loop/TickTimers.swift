@@ -20,16 +20,18 @@ protocol TickTimerOwner: AnyObject {
 /// schedules an entry that fires again in the same pass. Both are far below the lease's
 /// safety margin (a tenth of the lease, at least 100 ms for a 1-second lease).
 ///
-/// Each owner has a *slot* (``makeSlot(for:)``), which holds it weakly and names its live
-/// timer by a generation. Rescheduling and cancelling are O(1): the slot's generation moves
-/// on, and older entries (a slot number and a generation, 8 bytes) are dropped unfired when
-/// their tick comes, without touching their owner. An owner dropped with a timer scheduled
-/// goes away at once; ``freeSlot(_:)`` recycles its slot. Loop thread only.
+/// Each owner has a *slot* (``makeSlot(for:)``), which names its live timer by a generation.
+/// Rescheduling and cancelling are O(1): the slot's generation moves on, and older entries (a
+/// slot number and a generation, 8 bytes) are dropped unfired when their tick comes, without
+/// touching their owner. A slot does not keep its owner alive, nor refer to it weakly (a weak
+/// reference puts every retain and release of the owner on the runtime's slow path): the
+/// owner must free its slot (``freeSlot(_:)``) on the loop before it goes. Loop thread only.
 final class TickTimers<Owner: TickTimerOwner> {
     typealias Slot = UInt32
 
     private struct SlotState {
-        weak var owner: Owner?
+        /// Not kept alive: an owner frees its slot before it goes.
+        unowned(unsafe) var owner: Owner?
         var generation: UInt32 = 0
     }
 

@@ -1,0 +1,425 @@
+import CUV
+import Synchronization
+
+/// The machinery of one ``DistributedLease``: its ``LeaseMachine`` on the event loop, the
+/// connection of its current session (its own, or its place on a ``LockSession``'s shared
+/// one), its lease timer, and the state it publishes for other threads.
+///
+/// Callers hold the lease, a handle that owns its driver; the driver is never referenced
+/// weakly. A weak reference would give it a side table, and every retain and release of it
+/// (several per renewal) would take the runtime's slow path. The loop's long-lived tables (a
+/// session's members and lease timers, its connection's delegate, its own timer) refer to the
+/// driver without keeping it alive, and the driver takes itself out of all of them on the loop
+/// (``tearDown()``) when its handle has gone and no call is in flight. Until then the handle, a
+/// call in flight (``selfWhileBusy``) or a request in flight keeps it alive.
+final class LeaseDriver: @unchecked Sendable {
+    let settings: LeaseSettings
+    let loop: EventLoop
+    var key: String { settings.key }
+
+    // Loop-confined.
+    private var machine: LeaseMachine
+    /// The connection of the machine's current session, while it is open.
+    private var connection: Connection?
+    /// Reports the current connection's end, tagged with its session (the connection holds its
+    /// delegate weakly).
+    private var connectionObserver: SessionObserver?
+    /// This lock's place on its session's shared connection. It stays a member between
+    /// acquisitions while the connection is open (events of a session it ended are stale), so
+    /// that the next acquire needs no attach; the session drops it when the connection ends.
+    private var sharedMember: SharedConnectionMachine.Member?
+    /// Renewals and the local lease deadline share this one timer, made on first use in a
+    /// session and closed with it; `timerSession` is the session it was last scheduled for.
+    /// A lock on a ``LockSession`` uses a slot of the session's ``TickTimers`` instead, made
+    /// on first use and freed with the lock.
+    private var leaseTimer: LoopTimer?
+    private var timerSession: LeaseMachine.Session = 0
+    private var tickTimerSlot: TickTimers<LeaseDriver>.Slot?
+    /// The completion of every call the machine has not completed yet.
+    private var completions = CallTable<LeaseMachine.CallID, PendingCompletion>()
+    /// Set while a completion is owed, so that it runs even if the caller let go of the handle.
+    private var selfWhileBusy: LeaseDriver?
+    /// The handle has gone: tear down once no call is in flight.
+    private var handleIsGone = false
+    /// Out of the loop's tables, its connection closed: events of requests still in flight
+    /// find nothing to do.
+    private var isTornDown = false
+    /// Events that arrived while the machine's actions were being performed (a connection
+    /// closed by an action reports on its way out): fed to the machine afterwards, in order.
+    private var eventQueue: [LeaseMachine.Event] = []
+    private var isDraining = false
+    /// Completions and callbacks produced by the events being drained, run once the resulting
+    /// state is published.
+    private var deliveries: [() -> Void] = []
+
+    let published: ThreadLock<Published>
+    /// The local lease deadline (loop clock, ms; `UInt64.max`: nothing held), apart from the
+    /// rest so that a renewal, which moves only the deadline, publishes without a lock.
+    let publishedDeadlineMs = Atomic<UInt64>(.max)
+    /// Logs and metrics of the machine's steps. Loop-confined.
+    private var telemetry: LeaseTelemetry
+
+    /// Call identities for completion and cancellation; any thread.
+    private static let callCounter = Atomic<UInt64>(0)
+
+    struct Published {
+        var state = LockState.idle
+        var token: String?
+        var lease = 0
+    }
+
+    enum PendingCompletion {
+        case acquire((Result<Bool, LockError>) -> Void)
+        case enqueue((Result<EnqueueResult, LockError>) -> Void)
+        case wait((Result<Bool, LockError>) -> Void)
+        case release((Result<Void, LockError>) -> Void)
+    }
+
+    init(settings: LeaseSettings, loop: EventLoop) {
+        self.settings = settings
+        self.loop = loop
+        self.machine = LeaseMachine(configuration: settings, jitterSeed: UInt64.random(in: 1...UInt64.max))
+        self.published = ThreadLock(Published(lease: settings.leaseTtlS ?? 0))
+        self.telemetry = LeaseTelemetry(settings: settings)
+    }
+
+    // MARK: - From the handle (any thread)
+
+    /// Registers `completion` for `call` and feeds the machine the caller's event; the
+    /// machine completes every call exactly once, on a later turn of the loop.
+    func call(_ call: LeaseMachine.CallID, _ completion: PendingCompletion,
+              _ event: @escaping (LeaseMachine.CallID) -> LeaseMachine.Event) {
+        loop.runOnLoop(ifShutDown: { Self.complete(completion, .failed(.eventLoopShutDown)) }) { [self] in
+            completions.set(completion, for: call)
+            drive(event(call), deliverLater: true)
+        }
+    }
+
+    /// Cancels `call` if it is the operation in flight (the machine decides).
+    func cancel(_ call: LeaseMachine.CallID) {
+        loop.runOnLoop { [self] in drive(.cancelRequested(call), deliverLater: true) }
+    }
+
+    /// Closes the session, as ``DistributedLease/close()``.
+    func close() {
+        loop.runOnLoop { [self] in drive(.closeRequested, deliverLater: true) }
+    }
+
+    /// The caller-facing state, as of the loop's last step.
+    var state: LockState { published.withLock { $0.state } }
+
+    /// Releases what is held, for a session's graceful shutdown, which needs no outcome.
+    func release() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            call(DistributedLease.nextCall(), .release({ _ in continuation.resume() })) { .releaseRequested($0) }
+        }
+    }
+
+    /// The handle has gone: what it held is released or closed once no call is in flight.
+    func handleDropped() {
+        loop.runOnLoop { [self] in
+            handleIsGone = true
+            if !isDraining, completions.isEmpty { tearDown() }
+        }
+    }
+
+    // MARK: - Driving the machine (loop thread)
+
+    /// Feeds `event` to the machine, then every event that arrives while its actions are
+    /// performed, in order. Completions run once the final state is published, so a caller
+    /// resumed by one sees the state that completed it. The results of a caller's call are
+    /// delivered on a later turn (`deliverLater`), never inside that call.
+    private func drive(_ event: LeaseMachine.Event, deliverLater: Bool = false) {
+        guard !isTornDown else { return }
+        guard !isDraining else {
+            eventQueue.append(event)
+            return
+        }
+        isDraining = true
+        step(event)
+        if !eventQueue.isEmpty {
+            var next = 0
+            while next < eventQueue.count {
+                step(eventQueue[next])
+                next += 1
+            }
+            // Not kept for the next time: with 100,000 locks a queue's storage each is 20 MB.
+            eventQueue = []
+        }
+        isDraining = false
+        publish()
+        let wasBusy = selfWhileBusy
+        defer { withExtendedLifetime(wasBusy) {} }
+        selfWhileBusy = completions.isEmpty ? nil : self
+        if handleIsGone, completions.isEmpty { tearDown() }
+        guard !deliveries.isEmpty else { return }
+        let ready = deliveries
+        deliveries.removeAll()
+        if deliverLater {
+            loop.runLater { for delivery in ready { delivery() } }
+        } else {
+            for delivery in ready { delivery() }
+        }
+    }
+
+    private func step(_ event: LeaseMachine.Event) {
+        let before = telemetry.before(machine)
+        let actions = machine.handle(event)
+        telemetry.observe(event, before: before, actions: actions, after: machine, nowMs: loop.nowMs)
+        for action in actions { perform(action) }
+    }
+
+    private func perform(_ action: LeaseMachine.Action) {
+        switch action {
+        case .openConnection(let session):
+            openConnection(session, to: settings.endpoint)
+        case .closeConnection:
+            // The machine only closes its live session, which is this connection.
+            // The timer belongs to the session too: an idle lock keeps no libuv handle.
+            let closing = connection
+            connection = nil
+            connectionObserver = nil
+            closing?.close()
+            leaseTimer?.close()
+            leaseTimer = nil
+            cancelTickTimer()
+        case .redirectSession(_, let session, let server):
+            // Only the connection changes: the lease timer, if scheduled, goes on for the new
+            // session.
+            let follower = connection
+            connection = nil
+            connectionObserver = nil
+            follower?.close()
+            timerSession = session
+            openConnection(session, to: server)
+        case .attachShared(let session):
+            guard let lockSession = settings.session else {
+                assertionFailure("\(key): attachShared without a session")
+                return
+            }
+            if let member = sharedMember, let open = lockSession.reattach(member, session: session) {
+                // Still a member of the open connection: ready now (the event is queued behind
+                // this action, as every event that arrives while actions are performed).
+                connection = open
+                drive(.connected(session))
+                return
+            }
+            if let member = sharedMember { lockSession.detach(member) }
+            sharedMember = lockSession.attach(self, session: session, channel: settings.channel)
+        case .detachShared:
+            connection = nil
+            cancelTickTimer()
+        case .releaseUnanswered(_, let token):
+            if let request = try? settings.request(for: .release(token: token)) {
+                settings.session?.sendUnanswered(request, channel: settings.channel)
+            }
+        case .send(let session, let outgoing):
+            send(outgoing, session: session)
+        case .scheduleTimer(let session, let milliseconds):
+            timerSession = session
+            if let timers = settings.session?.leaseTimers {
+                let slot = tickTimerSlot ?? timers.makeSlot(for: self)
+                tickTimerSlot = slot
+                timers.schedule(slot, afterMilliseconds: milliseconds)
+                return
+            }
+            // The driver closes its timer before it goes (`closeConnection`, `tearDown()`).
+            let timer = leaseTimer ?? LoopTimer(loop: loop) { [unowned(unsafe) self] in self.leaseTimerFired() }
+            leaseTimer = timer
+            timer.schedule(afterMilliseconds: milliseconds)
+        case .cancelTimer:
+            leaseTimer?.cancel()
+            cancelTickTimer()
+        case .complete(let call, _, let outcome):
+            guard let completion = completions.removeValue(forKey: call) else {
+                assertionFailure("\(key): a completion for unknown call \(call)")
+                return
+            }
+            deliveries.append { Self.complete(completion, outcome) }
+        case .reportLockLost(let token):
+            if let onLockLost = settings.onLockLost {
+                let key = settings.key
+                deliveries.append { onLockLost(key, token) }
+            }
+        case .stateChanged:
+            break
+        }
+    }
+
+    private static func complete(_ completion: PendingCompletion, _ outcome: LeaseMachine.Outcome) {
+        switch (completion, outcome) {
+        case (.acquire(let completion), .granted), (.wait(let completion), .granted):
+            completion(.success(true))
+        case (.acquire(let completion), .timedOut), (.wait(let completion), .timedOut):
+            completion(.success(false))
+        case (.acquire(let completion), .failed(let error)), (.wait(let completion), .failed(let error)):
+            completion(.failure(error))
+        case (.enqueue(let completion), .granted):
+            completion(.success(.acquired))
+        case (.enqueue(let completion), .queued):
+            completion(.success(.queued))
+        case (.enqueue(let completion), .failed(let error)):
+            completion(.failure(error))
+        case (.release(let completion), .released):
+            completion(.success(()))
+        case (.release(let completion), .failed(let error)):
+            completion(.failure(error))
+        case (.acquire(let completion), _), (.wait(let completion), _):
+            completion(.failure(.protocolViolation("outcome \(outcome) for a blocking call")))
+        case (.enqueue(let completion), _):
+            completion(.failure(.protocolViolation("outcome \(outcome) for enqueue")))
+        case (.release(let completion), _):
+            completion(.failure(.protocolViolation("outcome \(outcome) for release")))
+        }
+    }
+
+    private func openConnection(_ session: LeaseMachine.Session, to server: Endpoint) {
+        let connection = Connection(endpoint: server, configuration: settings.connection, loop: loop)
+        let observer = SessionObserver(driver: self, session: session)
+        connection.delegate = observer
+        self.connection = connection
+        connectionObserver = observer
+        connection.connect { [self] result in
+            switch result {
+            case .success: drive(.connected(session))
+            case .failure(let error): drive(.failed(session, nil, error))
+            }
+        }
+    }
+
+    private func send(_ outgoing: LeaseMachine.Outgoing, session: LeaseMachine.Session) {
+        guard let connection else {
+            assertionFailure("\(key): send without a connection")
+            return
+        }
+        let request: Request
+        do throws(LockError) {
+            request = try settings.request(for: outgoing)
+        } catch {
+            drive(.failed(session, outgoing, error))
+            return
+        }
+        // The loop's cached time is from before this turn's work: an early send time only
+        // makes the local deadline more cautious.
+        let sentAtMs = uv_now(loop.raw)
+        // The request in flight keeps the driver alive until it is answered or fails (a
+        // connection that ends fails every request on it).
+        connection.send(request) { [self] result in
+            switch result {
+            case .success(let reply): drive(.answered(session, outgoing, reply, sentAtMs: sentAtMs))
+            case .failure(let error): drive(.failed(session, outgoing, error))
+            }
+        }
+    }
+
+    /// Publishes the state for other threads. The deadline first: a reader that sees `.held`
+    /// under the lock then sees the deadline of that grant too.
+    private func publish() {
+        let holding = machine.holding
+        publishedDeadlineMs.store(holding?.deadlineMs ?? .max, ordering: .releasing)
+        var next = published.valueForItsOnlyWriter()
+        let unchanged = next.state == machine.publicState && next.token == holding?.grant.token
+            && (holding == nil || next.lease == holding?.leaseS)
+        guard !unchanged else { return }
+        next.state = machine.publicState
+        next.token = holding?.grant.token
+        if let holding { next.lease = holding.leaseS }
+        published.withLock { $0 = next }
+    }
+
+    /// Takes the driver out of the loop's tables and ends what its handle left: a key held on
+    /// a shared connection is released there (the connection stays); a connection of the lock's
+    /// own is closed (the server then frees what it held). Once, on the loop.
+    private func tearDown() {
+        guard !isTornDown else { return }
+        isTornDown = true
+        telemetry.released()
+        if let session = settings.session {
+            if let dropped = machine.releaseWhenDropped, let request = try? settings.request(for: .release(token: dropped.token)) {
+                session.sendUnanswered(request, channel: settings.channel)
+            }
+            if let sharedMember { session.detach(sharedMember) }
+            if let tickTimerSlot { session.leaseTimers.freeSlot(tickTimerSlot) }
+            sharedMember = nil
+            tickTimerSlot = nil
+        }
+        // A connection with an observer is the lock's own; the shared one is the session's.
+        if connectionObserver != nil {
+            connectionObserver = nil
+            connection?.close()
+        }
+        connection = nil
+        leaseTimer?.close()
+        leaseTimer = nil
+    }
+}
+
+/// The delegate of one session's connection: reports its end as that session's failure.
+private final class SessionObserver: ConnectionDelegate {
+    /// The driver drops its observer before it goes.
+    unowned(unsafe) let driver: LeaseDriver
+    let session: LeaseMachine.Session
+
+    init(driver: LeaseDriver, session: LeaseMachine.Session) {
+        self.driver = driver
+        self.session = session
+    }
+
+    func connection(_ connection: Connection, didCloseWith error: LockError) {
+        driver.connectionEnded(session: session, error: error)
+    }
+}
+
+extension LeaseDriver: TickTimerOwner {
+    fileprivate func connectionEnded(session: LeaseMachine.Session, error: LockError) {
+        drive(.failed(session, nil, error))
+    }
+
+    /// The session's shared connection has been silent too long: renew now, if this lock holds
+    /// through it (the machine decides). Whether the lock holds there. Loop thread.
+    func renewForSilentConnection() -> Bool {
+        guard machine.route == .shared, machine.holding != nil else { return false }
+        drive(.renewalRequested(machine.session, nowMs: loop.nowMs))
+        return true
+    }
+
+    private func cancelTickTimer() {
+        if let tickTimerSlot { settings.session?.leaseTimers.cancel(tickTimerSlot) }
+    }
+
+    /// The session's ``TickTimers`` fired this lock's live timer. Loop thread.
+    func tickTimerFired() {
+        leaseTimerFired()
+    }
+
+    /// The lease timer (the lock's own or its slot of the session's) fired, perhaps late: the
+    /// machine decides with the loop's fresh time.
+    private func leaseTimerFired() {
+        uv_update_time(loop.raw)
+        drive(.timerFired(timerSession, nowMs: uv_now(loop.raw)))
+    }
+
+    /// The session's shared connection is open for this lock's `session`. Loop thread.
+    func sharedConnectionReady(_ session: LeaseMachine.Session, connection: Connection) {
+        if machine.session == session, machine.route == .shared { self.connection = connection }
+        drive(.connected(session))
+    }
+
+    /// The shared connection of this lock's `session` could not be had, or ended. Loop thread.
+    func sharedConnectionFailed(_ session: LeaseMachine.Session, error: LockError) {
+        // The session has already dropped the member, whichever session it last served.
+        sharedMember = nil
+        drive(.failed(session, nil, error))
+    }
+
+    /// Whether the lock holds through the shared connection in `session` (for the session's
+    /// log of what a lost connection took). Loop thread.
+    func holdsOnSharedConnection(in session: LeaseMachine.Session) -> Bool {
+        machine.session == session && machine.route == .shared && machine.holding != nil
+    }
+
+    /// The session closes: like ``close()``, on the loop thread, now. Loop thread.
+    func closeForSession() {
+        drive(.closeRequested, deliverLater: true)
+    }
+}
