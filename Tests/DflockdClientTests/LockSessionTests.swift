@@ -232,6 +232,47 @@ struct LockSessionTests {
         try await probe.release(key: "dropped", token: grant.token)
     }
 
+    /// A dropped lock's driver is freed once its handle has gone and its call in flight (if
+    /// any) has completed: a held one releases its key, one waiting on a connection of its own
+    /// completes its acquire first and then frees it, an idle one just goes. Nothing on the
+    /// session (members, lease timers, registry) keeps a driver alive.
+    @Test("dropped session locks go away: held, waiting on a connection of its own, idle; their keys are free",
+          arguments: ServerKind.allCases)
+    func droppedLocksLeaveNothingBehind(on kind: ServerKind) async throws {
+        let server = try await RealServer.launch(kind)
+        let session = try LockSession(servers: [("127.0.0.1", server.port)])
+        defer { session.close() }
+        let probe = try Connection(port: server.port)
+        defer { probe.close() }
+        let taken = try #require(try await probe.acquire(key: "gone-waiting", timeoutS: 5))
+        weak var heldDriver: LeaseDriver?
+        weak var waitingDriver: LeaseDriver?
+        weak var idleDriver: LeaseDriver?
+        let outcome = ThreadLock<Result<Bool, LockError>?>(nil)
+        do {
+            let held = try DistributedLock(key: "gone-held", leaseTtlS: 30, session: session)
+            #expect(try await held.acquire())
+            let waiting = try DistributedLock(key: "gone-waiting", acquireTimeoutS: 10, leaseTtlS: 30, session: session)
+            waiting.acquire { result in outcome.withLock { $0 = result } }
+            let idle = try DistributedLock(key: "gone-idle", session: session)
+            (heldDriver, waitingDriver, idleDriver) = (held.driver, waiting.driver, idle.driver)
+            #expect(try await eventually { waiting.state == .queued })
+        }
+        #expect(try await eventually { heldDriver == nil && idleDriver == nil }, "a dropped lock's driver was kept alive")
+        #expect(waitingDriver != nil, "a lock dropped with its acquire in flight went before completing it")
+        try await probe.release(key: "gone-waiting", token: taken.token)
+        #expect(try await eventually { outcome.withLock { $0 } != nil })
+        guard case .success(true)? = outcome.withLock({ $0 }) else {
+            Issue.record("the dropped lock's acquire ended with \(String(describing: outcome.withLock { $0 }))")
+            return
+        }
+        #expect(try await eventually { waitingDriver == nil }, "the driver stayed after its acquire completed")
+        for key in ["gone-held", "gone-waiting"] {
+            let grant = try #require(try await probe.acquire(key: key, timeoutS: 5), "\(key) was not freed")
+            try await probe.release(key: key, token: grant.token)
+        }
+    }
+
     @Test func semaphoresOnASession() async throws {
         let server = try await RealServer.launch(.go)
         let session = try LockSession(servers: [("127.0.0.1", server.port)])
