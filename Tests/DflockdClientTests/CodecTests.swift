@@ -353,6 +353,22 @@ struct CodecTests {
             #expect(try Request.wait(key: "k", timeoutS: 0).argument == "0")
         }
 
+        /// Numbers are written into the buffer digit by digit, not formatted as strings first:
+        /// the bytes must still be exactly the decimal text.
+        @Test("numbers on the wire are their decimal text, at every magnitude")
+        func numbersAreDecimal() throws {
+            for n in [0, 1, 9, 10, 11, 99, 100, 101, 999, 1_000, 86_400, 1_000_000_007, Int(Int32.max), Int.max] {
+                let lease = max(1, n)
+                #expect(try Request.acquire(key: "k", timeoutS: n, leaseTtlS: lease).bytes == Array("l\nk\n\(n) \(lease)\n".utf8))
+                #expect(try Request.semaphoreAcquire(key: "k", limit: lease, timeoutS: n, leaseTtlS: lease).bytes
+                        == Array("sl\nk\n\(n) \(lease) \(lease)\n".utf8))
+                #expect(try Request.renew(key: "k", token: "abc", leaseTtlS: lease).bytes == Array("n\nk\nabc \(lease)\n".utf8))
+                #expect(try Request.wait(key: "k", timeoutS: n).argument == String(n))
+            }
+            #expect(try Request.enqueue(key: "k").bytes == Array("e\nk\n\n".utf8))
+            #expect(try Request.renew(key: "k", token: "abc").bytes == Array("n\nk\nabc\n".utf8))
+        }
+
         @Test("leases under one second are refused")
         func leases() throws {
             for ttl in [0, -1, Int.min] {
