@@ -32,18 +32,18 @@ struct LeaseTelemetry {
         let holding: LeaseMachine.Holding?
     }
 
-    func before(_ machine: LeaseMachine) -> Before { Before(holding: machine.holding) }
-
+    /// `after` and `isConnected` are the machine's after the step (passed apart, so that the
+    /// whole machine is not copied on every step).
     mutating func observe(_ event: LeaseMachine.Event, before: Before, actions: [LeaseMachine.Action],
-                          after machine: LeaseMachine, nowMs: UInt64) {
+                          after holding: LeaseMachine.Holding?, isConnected: Bool, nowMs: UInt64) {
         switch event {
         case .acquireRequested(let call, _), .enqueueRequested(let call, _), .waitRequested(let call, _):
             startedMs.set(nowMs, for: call)
         case .answered(_, .renew, .renewed(let leaseS), let sentAtMs):
-            if let holding = before.holding, machine.holding != nil {
-                renewed(leaseS: leaseS, sentAtMs: sentAtMs, deadlineMs: holding.deadlineMs, nowMs: nowMs)
+            if let previous = before.holding, holding != nil {
+                renewed(leaseS: leaseS, sentAtMs: sentAtMs, deadlineMs: previous.deadlineMs, nowMs: nowMs)
             }
-        case .failed(_, .renew, let error) where before.holding != nil && machine.holding == nil:
+        case .failed(_, .renew, let error) where before.holding != nil && holding == nil:
             (error.isServerAnswer ? metrics.renewalRefused : metrics.renewalFailed).increment()
         default:
             break
@@ -60,7 +60,7 @@ struct LeaseTelemetry {
             case .redirectSession(_, _, let leader):
                 logger.info("following a redirect to the cluster leader", metadata: metadata([LogField.leader: .string("\(leader)")]))
             case .complete(let call, let operation, let outcome):
-                completed(call, operation, outcome, machine: machine, nowMs: nowMs)
+                completed(call, operation, outcome, holding: holding, nowMs: nowMs)
             case .reportLockLost(let token):
                 lost(token, event: event, before: before, nowMs: nowMs)
             case .stateChanged(let state):
@@ -74,13 +74,13 @@ struct LeaseTelemetry {
                 break
             }
         }
-        if case .failed(_, nil, let error) = event, lastFailure == nil, !machine.isConnected {
+        if case .failed(_, nil, let error) = event, lastFailure == nil, !isConnected {
             lastFailure = Redaction.error(error)
         }
     }
 
     private mutating func completed(_ call: LeaseMachine.CallID, _ operation: LeaseMachine.Operation,
-                                    _ outcome: LeaseMachine.Outcome, machine: LeaseMachine, nowMs: UInt64) {
+                                    _ outcome: LeaseMachine.Outcome, holding: LeaseMachine.Holding?, nowMs: UInt64) {
         guard operation != .release else {
             switch outcome {
             case .failed(.releaseUnconfirmed(let key, let leaseS)):
@@ -100,8 +100,8 @@ struct LeaseTelemetry {
             metrics.granted.increment()
             if started != nil { metrics.acquireWait.recordMilliseconds(elapsedMs) }
             logger.debug("acquired", metadata: metadata([
-                LogField.token: .string(machine.holding.map { Redaction.token($0.grant.token) } ?? ""),
-                LogField.leaseS: .stringConvertible(machine.holding?.leaseS ?? 0),
+                LogField.token: .string(holding.map { Redaction.token($0.grant.token) } ?? ""),
+                LogField.leaseS: .stringConvertible(holding?.leaseS ?? 0),
                 LogField.elapsedMs: .stringConvertible(elapsedMs)]))
         case .timedOut:
             metrics.timedOut.increment()
