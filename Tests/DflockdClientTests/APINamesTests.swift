@@ -241,8 +241,8 @@ enum SwiftNames {
             },
             "tls: TLSOptions? = nil": { () throws in
                 let value: TLSOptions? = TLSOptions(serverName: "locks.example")
-                #expect(try DistributedLock(key: "names", tls: value).settings.connection.tls == value)
-                #expect(try defaultLock().settings.connection.tls == nil)
+                #expect(try DistributedLock(key: "names", tls: value).settings.connection.value.tls == value)
+                #expect(try defaultLock().settings.connection.value.tls == nil)
             },
             "TLSOptions()": { () throws in
                 let options = TLSOptions()
@@ -251,8 +251,8 @@ enum SwiftNames {
             },
             "auth: String? = nil": { () throws in
                 let value: String? = "s3cret"
-                #expect(try DistributedLock(key: "names", auth: value).settings.connection.auth == "s3cret")
-                #expect(try defaultLock().settings.connection.auth == nil)
+                #expect(try DistributedLock(key: "names", auth: value).settings.connection.value.auth == "s3cret")
+                #expect(try defaultLock().settings.connection.value.auth == nil)
             },
             "onLockLost: (@Sendable (String, String) -> Void)? = nil": { () throws in
                 let handler: (@Sendable (String, String) -> Void)? = { _, _ in }
@@ -261,13 +261,13 @@ enum SwiftNames {
             },
             "connectTimeoutMs: Int? = nil": { () throws in
                 let value: Int? = 500
-                #expect(try DistributedLock(key: "names", connectTimeoutMs: value).settings.connection.connectTimeoutMs == 500)
-                #expect(try defaultLock().settings.connection.connectTimeoutMs == nil)
+                #expect(try DistributedLock(key: "names", connectTimeoutMs: value).settings.connection.value.connectTimeoutMs == 500)
+                #expect(try defaultLock().settings.connection.value.connectTimeoutMs == nil)
             },
             "socketTimeoutMs: Int? = nil": { () throws in
                 let value: Int? = 500
-                #expect(try DistributedLock(key: "names", socketTimeoutMs: value).settings.connection.socketTimeoutMs == 500)
-                #expect(try defaultLock().settings.connection.socketTimeoutMs == nil)
+                #expect(try DistributedLock(key: "names", socketTimeoutMs: value).settings.connection.value.socketTimeoutMs == 500)
+                #expect(try defaultLock().settings.connection.value.socketTimeoutMs == nil)
             },
             "maxIdleMs: Int? = 10_000": { () throws in
                 let value: Int? = nil

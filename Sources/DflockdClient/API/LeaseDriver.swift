@@ -285,7 +285,7 @@ final class LeaseDriver: @unchecked Sendable {
     }
 
     private func openConnection(_ session: LeaseMachine.Session, to server: Endpoint) {
-        let connection = Connection(endpoint: server, configuration: settings.connection, loop: loop)
+        let connection = Connection(endpoint: server, sharedConfiguration: settings.connection, loop: loop)
         let observer = SessionObserver(driver: self, session: session)
         connection.delegate = observer
         self.connection = connection

@@ -16,7 +16,7 @@ final class LeaseSettings: LeaseMachine.Configuration, @unchecked Sendable {
     let leaseTtlS: Int?
     let endpoint: Endpoint
     /// The connection options of a lock that is not on a session.
-    private let ownConnection: ConfigurationBox?
+    private let ownConnection: Connection.SharedConfiguration?
     let onLockLost: (@Sendable (String, String) -> Void)?
     let logger: Logger
     /// The process's metrics for this kind of lease, as bootstrapped when the lock was made.
@@ -46,7 +46,7 @@ final class LeaseSettings: LeaseMachine.Configuration, @unchecked Sendable {
         self.kind = kind
         self.leaseTtlS = options.leaseTtlS
         self.endpoint = Endpoint(host: servers[index].0, port: servers[index].1)
-        self.ownConnection = ConfigurationBox(connection)
+        self.ownConnection = Connection.SharedConfiguration(connection)
         self.onLockLost = options.onLockLost
         self.logger = options.logger
         self.metrics = Self.leaseMetrics(for: kind)
@@ -81,12 +81,12 @@ final class LeaseSettings: LeaseMachine.Configuration, @unchecked Sendable {
 
     /// The options of a connection the lock opens for itself: its own, or on a session the
     /// session's, logging to the lock's logger.
-    var connection: Connection.Configuration {
-        if let ownConnection { return ownConnection.value }
+    var connection: Connection.SharedConfiguration {
+        if let ownConnection { return ownConnection }
         guard let session else { preconditionFailure("LeaseSettings without connection options or a session") }
         var connection = session.ownConfiguration
         connection.logger = logger
-        return connection
+        return Connection.SharedConfiguration(connection)
     }
 
     /// The metrics set the lock's connections count in (`nil`: the one bootstrapped when each
@@ -99,11 +99,6 @@ final class LeaseSettings: LeaseMachine.Configuration, @unchecked Sendable {
     var kindName: String {
         if case .lock = kind { return "lock" }
         return "semaphore"
-    }
-
-    private final class ConfigurationBox: Sendable {
-        let value: Connection.Configuration
-        init(_ value: Connection.Configuration) { self.value = value }
     }
 
     private static func validateLease(_ kind: Kind, _ options: LeaseOptions) throws(LockError) {

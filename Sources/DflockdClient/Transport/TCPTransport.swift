@@ -178,6 +178,9 @@ final class TCPTransport: Transport {
         phase = .open
         connectTimer?.close()
         connectTimer = nil
+        // Not needed again (a connection is never re-dialled), and 128 bytes an address for
+        // every connection of 15,000 locks.
+        addresses = []
         // Set on the open socket: before there is one, libuv 1.44 records only "on" and applies
         // its own 60 s delay at connect.
         uv_tcp_keepalive(tcp, 1, Self.keepAliveDelaySeconds)
