@@ -188,7 +188,7 @@ public class DistributedLease: @unchecked Sendable {
     }
 
     private func call(_ call: LeaseMachine.CallID, _ completion: LeaseDriver.PendingCompletion,
-                      _ event: @escaping (LeaseMachine.CallID) -> LeaseMachine.Event) {
+                      _ event: (LeaseMachine.CallID) -> LeaseMachine.Event) {
         driver.call(call, completion, event)
     }
 

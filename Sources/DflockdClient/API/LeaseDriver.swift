@@ -90,10 +90,18 @@ final class LeaseDriver: @unchecked Sendable {
     /// Registers `completion` for `call` and feeds the machine the caller's event; the
     /// machine completes every call exactly once, on a later turn of the loop.
     func call(_ call: LeaseMachine.CallID, _ completion: PendingCompletion,
-              _ event: @escaping (LeaseMachine.CallID) -> LeaseMachine.Event) {
+              _ event: (LeaseMachine.CallID) -> LeaseMachine.Event) {
+        let event = event(call)
+        if loop.inEventLoop, !loop.isShutDown {
+            // Called on the loop (a completion handler, or a task on the loop's executor):
+            // no closure to allocate for a hop that is not needed.
+            completions.set(completion, for: call)
+            drive(event, deliverLater: true)
+            return
+        }
         loop.runOnLoop(ifShutDown: { Self.complete(completion, .failed(.eventLoopShutDown)) }) { [self] in
             completions.set(completion, for: call)
-            drive(event(call), deliverLater: true)
+            drive(event, deliverLater: true)
         }
     }
 
