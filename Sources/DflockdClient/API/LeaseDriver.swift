@@ -61,9 +61,6 @@ final class LeaseDriver: @unchecked Sendable {
     /// Logs and metrics of the machine's steps. Loop-confined.
     private var telemetry: LeaseTelemetry
 
-    /// Call identities for completion and cancellation; any thread.
-    private static let callCounter = Atomic<UInt64>(0)
-
     struct Published {
         var state = LockState.idle
         var token: String?
@@ -83,6 +80,12 @@ final class LeaseDriver: @unchecked Sendable {
         self.machine = LeaseMachine(configuration: settings, jitterSeed: UInt64.random(in: 1...UInt64.max))
         self.published = ThreadLock(Published(lease: settings.leaseTtlS ?? 0))
         self.telemetry = LeaseTelemetry(settings: settings)
+    }
+
+    deinit {
+        // A loop shut down before the handle went never ran the tear-down; the held gauge
+        // still counts down (nothing else refers to the telemetry by now, on any thread).
+        if !isTornDown { telemetry.released() }
     }
 
     // MARK: - From the handle (any thread)
