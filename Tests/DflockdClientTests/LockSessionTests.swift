@@ -273,6 +273,32 @@ struct LockSessionTests {
         }
     }
 
+    /// `session.close()` closes every lock of the session, also one whose handle has gone while
+    /// its acquire still waits (on a connection of its own, the key being taken): the acquire
+    /// fails, and the key is never granted to it.
+    @Test("session.close() closes a lock dropped with its acquire in flight", arguments: ServerKind.allCases)
+    func closeReachesADroppedLockWithACallInFlight(on kind: ServerKind) async throws {
+        let server = try await RealServer.launch(kind)
+        let session = try LockSession(servers: [("127.0.0.1", server.port)])
+        let probe = try Connection(port: server.port)
+        defer { probe.close() }
+        let taken = try #require(try await probe.acquire(key: "orphan", timeoutS: 5))
+        let outcome = ThreadLock<Result<Bool, LockError>?>(nil)
+        do {
+            let waiting = try DistributedLock(key: "orphan", acquireTimeoutS: 10, leaseTtlS: 30, session: session)
+            waiting.acquire { result in outcome.withLock { $0 = result } }
+            #expect(try await eventually { waiting.state == .queued })
+        }
+        session.close()
+        #expect(try await eventually { outcome.withLock { $0 } != nil }, "the dropped lock's acquire never ended")
+        if case .success? = outcome.withLock({ $0 }) {
+            Issue.record("the dropped lock's acquire went on after session.close(): \(String(describing: outcome.withLock { $0 }))")
+        }
+        try await probe.release(key: "orphan", token: taken.token)
+        let again = try #require(try await probe.acquire(key: "orphan", timeoutS: 5), "the key went to the closed lock")
+        try await probe.release(key: "orphan", token: again.token)
+    }
+
     @Test func semaphoresOnASession() async throws {
         let server = try await RealServer.launch(.go)
         let session = try LockSession(servers: [("127.0.0.1", server.port)])

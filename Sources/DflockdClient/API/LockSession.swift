@@ -210,7 +210,12 @@ public final class LockSession: @unchecked Sendable {
         guard !isClosed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         // `run()` returns once the locks are closed (or the loop is gone).
         loop.runOnLoop(ifShutDown: { [lifecycle] in lifecycle.markClosed() }) { [self] in
-            for lease in registry.withLock(\.all) { lease.closeForSession() }
+            // The registry has the locks whose handles exist; the members also have those
+            // dropped with a call still in flight, which run until it completes.
+            var closing = registry.withLock(\.all)
+            let registered = Set(closing.map(ObjectIdentifier.init))
+            closing += members.compactMap(\.lease).filter { !registered.contains(ObjectIdentifier($0)) }
+            for lease in closing { lease.closeForSession() }
             for index in channels.indices { perform(channels[index].machine.handle(.closeRequested), on: index) }
             lifecycle.markClosed()
         }
