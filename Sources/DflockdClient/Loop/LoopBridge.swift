@@ -28,6 +28,7 @@ extension EventLoop {
     /// `start` does not escape (it has run when the call suspends), so its context needs no
     /// allocation: the bridge's one allocation per call is the completion handed to `start`,
     /// which captures only the continuation.
+    @inline(__always)
     nonisolated(nonsending)
     func bridge<Value: Sendable>(startsWhenCancelled: Bool = false,
                                  _ start: (_ completion: @escaping (Result<Value, LockError>) -> Void) -> Void,
@@ -46,11 +47,18 @@ extension EventLoop {
         return try await suspend(startsWhenCancelled, start, onCancel: onCancel)
     }
 
+    @inline(__always)
     nonisolated(nonsending)
     private func suspend<Value: Sendable>(_ startsWhenCancelled: Bool,
                                           _ start: (_ completion: @escaping (Result<Value, LockError>) -> Void) -> Void,
                                           onCancel: @Sendable () -> Void) async throws -> Value {
-        try await withTaskCancellationHandler(operation: {
+        // `withTaskCancellationHandler` is an opaque, unspecialised async function that switches
+        // executor on entry, on return, and in its operation closure: in a task preferring an
+        // executor (the loop's) each switch reads the preference under the task's status-record
+        // lock (a global mutex and an allocation), three times a call. The executor-inheriting
+        // form switches nowhere: the operation runs where the call runs, which is what a caller
+        // that keeps its isolation (`nonisolated(nonsending)`) wants anyway.
+        return try await _unsafeInheritExecutor_withTaskCancellationHandler(operation: {
             try await withUnsafeThrowingContinuation { continuation in
                 // Read once the handler is in place: a task cancelled from here on has
                 // `onCancel` end the operation started below.
