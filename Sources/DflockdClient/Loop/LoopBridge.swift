@@ -21,9 +21,10 @@ extension EventLoop {
     /// the call is in flight, and should end the operation, which then completes with its
     /// error. A task cancelled before `start` ran never starts it: the call throws
     /// ``LockError/cancelled``; unless `startsWhenCancelled`, for an operation that must happen
-    /// even then (a release from a cancelled task), which starts regardless. Once the loop has
-    /// shut down the completion-handler form fails the operation with
-    /// ``LockError/eventLoopShutDown``, and so the call throws it.
+    /// even then and that cancellation does not end (a release from a cancelled task): it
+    /// starts regardless and `onCancel` never runs. Once the loop has shut down the
+    /// completion-handler form fails the operation with ``LockError/eventLoopShutDown``, and so
+    /// the call throws it.
     ///
     /// `start` does not escape (it has run when the call suspends), so its context needs no
     /// allocation: the bridge's one allocation per call is the completion handed to `start`,
@@ -52,6 +53,11 @@ extension EventLoop {
     private func suspend<Value: Sendable>(_ startsWhenCancelled: Bool,
                                           _ start: (_ completion: @escaping (Result<Value, LockError>) -> Void) -> Void,
                                           onCancel: @Sendable () -> Void) async throws -> Value {
+        // Nothing for a cancellation to do: no handler, whose record would cost a lock of the
+        // task's status records to remove, and the call is one suspension in the caller's frame.
+        if startsWhenCancelled {
+            return try await withUnsafeThrowingContinuation { continuation in start(resuming(continuation)) }
+        }
         // `withTaskCancellationHandler` is an opaque, unspecialised async function that switches
         // executor on entry, on return, and in its operation closure: in a task preferring an
         // executor (the loop's) each switch reads the preference under the task's status-record
