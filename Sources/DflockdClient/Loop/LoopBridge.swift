@@ -21,13 +21,15 @@ extension EventLoop {
     /// the call is in flight, and should end the operation, which then completes with its
     /// error. A task cancelled before `start` ran never starts it: the call throws
     /// ``LockError/cancelled``; unless `startsWhenCancelled`, for an operation that must happen
-    /// even then (a release from a cancelled task), which starts regardless. Once the loop has
-    /// shut down the completion-handler form fails the operation with
-    /// ``LockError/eventLoopShutDown``, and so the call throws it.
+    /// even then and that cancellation does not end (a release from a cancelled task): it
+    /// starts regardless and `onCancel` never runs. Once the loop has shut down the
+    /// completion-handler form fails the operation with ``LockError/eventLoopShutDown``, and so
+    /// the call throws it.
     ///
     /// `start` does not escape (it has run when the call suspends), so its context needs no
     /// allocation: the bridge's one allocation per call is the completion handed to `start`,
     /// which captures only the continuation.
+    @inline(__always)
     nonisolated(nonsending)
     func bridge<Value: Sendable>(startsWhenCancelled: Bool = false,
                                  _ start: (_ completion: @escaping (Result<Value, LockError>) -> Void) -> Void,
@@ -46,11 +48,23 @@ extension EventLoop {
         return try await suspend(startsWhenCancelled, start, onCancel: onCancel)
     }
 
+    @inline(__always)
     nonisolated(nonsending)
     private func suspend<Value: Sendable>(_ startsWhenCancelled: Bool,
                                           _ start: (_ completion: @escaping (Result<Value, LockError>) -> Void) -> Void,
                                           onCancel: @Sendable () -> Void) async throws -> Value {
-        try await withTaskCancellationHandler(operation: {
+        // Nothing for a cancellation to do: no handler, whose record would cost a lock of the
+        // task's status records to remove, and the call is one suspension in the caller's frame.
+        if startsWhenCancelled {
+            return try await withUnsafeThrowingContinuation { continuation in start(resuming(continuation)) }
+        }
+        // `withTaskCancellationHandler` is an opaque, unspecialised async function that switches
+        // executor on entry, on return, and in its operation closure: in a task preferring an
+        // executor (the loop's) each switch reads the preference under the task's status-record
+        // lock (a global mutex and an allocation), three times a call. The executor-inheriting
+        // form switches nowhere: the operation runs where the call runs, which is what a caller
+        // that keeps its isolation (`nonisolated(nonsending)`) wants anyway.
+        return try await _unsafeInheritExecutor_withTaskCancellationHandler(operation: {
             try await withUnsafeThrowingContinuation { continuation in
                 // Read once the handler is in place: a task cancelled from here on has
                 // `onCancel` end the operation started below.
