@@ -64,8 +64,10 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
     /// No byte arrived within `socketTimeoutMs` while a reply was awaited.
     case socketTimeout(milliseconds: Int)
     /// No reply to `command` on `key` came within its deadline of `milliseconds` (a blocking
-    /// request's own timeout plus `blockingGraceMs`, any other request's `requestTimeoutMs`):
-    /// the server is frozen, overloaded or unreachable. The connection was closed.
+    /// request's own timeout plus `blockingGraceMs`, any other request's `requestTimeoutMs`,
+    /// which a raw ``Connection`` sets; a lock's and a session's requests use the defaults,
+    /// 5 s and 10 s): the server is frozen, overloaded or unreachable. The connection was
+    /// closed.
     case requestTimeout(command: String, key: String, milliseconds: Int)
     /// The connection ended (the server closed it, it was reset, or a read or write failed).
     case connectionClosed(reason: String)
@@ -134,7 +136,7 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
         case .socketTimeout(let milliseconds):
             return "no reply byte arrived within \(milliseconds) ms (socketTimeoutMs); the connection was closed."
         case .requestTimeout(let command, let key, let milliseconds):
-            return "no reply to '\(command)' on '\(key)' within its deadline of \(milliseconds) ms; the server may be frozen or unreachable, so the connection was closed. Raise requestTimeoutMs or blockingGraceMs if the server is just slow."
+            return "no reply to '\(command)' on '\(key)' within its deadline of \(milliseconds) ms; the server may be frozen or unreachable, so the connection was closed. If it is just slow: on a raw Connection raise requestTimeoutMs or blockingGraceMs; for locks, lighten its load (longer leases renew less often, more servers share the keys)."
         case .connectionClosed(let reason):
             return "the connection to the server ended: \(reason)."
         case .protocolViolation(let detail):
