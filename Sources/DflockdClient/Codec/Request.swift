@@ -36,14 +36,12 @@ struct Request: Sendable, Hashable {
         self.blockingSeconds = blockingSeconds
     }
 
-    /// The argument line, without its line break.
+    /// The argument line, without its line break (for logs and tests; the wire gets
+    /// ``encode(into:)``).
     var argument: String {
-        var line = text
-        numbers.forEach { number in
-            if !line.isEmpty { line.append(" ") }
-            line.append(String(number))
-        }
-        return line
+        var line: [UInt8] = []
+        appendArgument(to: &line)
+        return String(decoding: line, as: UTF8.self)
     }
 
     /// Appends the three lines to `buffer`.
@@ -52,6 +50,11 @@ struct Request: Sendable, Hashable {
         buffer.append(0x0A)
         buffer.append(contentsOf: key.utf8)
         buffer.append(0x0A)
+        appendArgument(to: &buffer)
+        buffer.append(0x0A)
+    }
+
+    private func appendArgument(to buffer: inout [UInt8]) {
         buffer.append(contentsOf: text.utf8)
         var separated = !text.isEmpty
         numbers.forEach { number in
@@ -59,7 +62,6 @@ struct Request: Sendable, Hashable {
             separated = true
             Self.appendDecimal(number, to: &buffer)
         }
-        buffer.append(0x0A)
     }
 
     /// The encoded request.
@@ -99,19 +101,20 @@ struct Request: Sendable, Hashable {
     static func release(key: String, token: String) throws(LockError) -> Request {
         try Validation.key(key)
         try Validation.token(token)
-        return Request(.release, key: key, text: token)
+        return .release(validatedKey: key, validatedToken: token, semaphore: false)
     }
 
     static func renew(key: String, token: String, leaseTtlS: Int? = nil) throws(LockError) -> Request {
         try Validation.key(key)
         try Validation.token(token)
         try Validation.lease(leaseTtlS)
-        return Request(.renew, key: key, text: token, numbers: Numbers(first: leaseTtlS))
+        return .renew(validatedKey: key, validatedToken: token, leaseTtlS: leaseTtlS, semaphore: false)
     }
 
     /// `n` / `sn` (`semaphore`) and `r` / `sr` for a lock's driver, whose key was validated
-    /// when the lock was made and whose token was validated when its grant was decoded: the
-    /// same requests as the checked factories, without checking again on every renewal.
+    /// when the lock was made and whose token was validated when its grant was decoded: what
+    /// the checked factories build once they have checked, without checking again on every
+    /// renewal.
     static func renew(validatedKey key: String, validatedToken token: String, leaseTtlS: Int?, semaphore: Bool) -> Request {
         Request(semaphore ? .semaphoreRenew : .renew, key: key, text: token, numbers: Numbers(first: leaseTtlS))
     }
@@ -143,14 +146,14 @@ struct Request: Sendable, Hashable {
     static func semaphoreRelease(key: String, token: String) throws(LockError) -> Request {
         try Validation.key(key)
         try Validation.token(token)
-        return Request(.semaphoreRelease, key: key, text: token)
+        return .release(validatedKey: key, validatedToken: token, semaphore: true)
     }
 
     static func semaphoreRenew(key: String, token: String, leaseTtlS: Int? = nil) throws(LockError) -> Request {
         try Validation.key(key)
         try Validation.token(token)
         try Validation.lease(leaseTtlS)
-        return Request(.semaphoreRenew, key: key, text: token, numbers: Numbers(first: leaseTtlS))
+        return .renew(validatedKey: key, validatedToken: token, leaseTtlS: leaseTtlS, semaphore: true)
     }
 
     static func semaphoreEnqueue(key: String, limit: Int, leaseTtlS: Int? = nil) throws(LockError) -> Request {
