@@ -68,7 +68,7 @@ extension EventLoop {
             try await withUnsafeThrowingContinuation { continuation in
                 // Read once the handler is in place: a task cancelled from here on has
                 // `onCancel` end the operation started below.
-                if !startsWhenCancelled, Task.isCancelled {
+                if Task.isCancelled {
                     continuation.resume(throwing: LockError.cancelled)
                     return
                 }
@@ -77,7 +77,7 @@ extension EventLoop {
                 // cancellation meanwhile may have queued `onCancel`'s work ahead of it (which
                 // then finds no such operation). Once more, behind the operation: ending an
                 // operation twice ends it once.
-                if !startsWhenCancelled, Task.isCancelled { onCancel() }
+                if Task.isCancelled { onCancel() }
             }
         }, onCancel: onCancel)
     }
