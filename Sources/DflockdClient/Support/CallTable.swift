@@ -12,12 +12,12 @@ struct CallTable<Key: Hashable, Value> {
 
     /// Stores `value` for `key`, replacing what `key` had.
     mutating func set(_ value: Value, for key: Key) {
-        if let entry = first, entry.key != key {
-            more[key] = value
-        } else if first == nil, more[key] != nil {
-            more[key] = value
-        } else {
+        // A key is in one place: inline if it is there or the inline place is free and the
+        // key is not already among the others.
+        if first?.key == key || (first == nil && more[key] == nil) {
             first = (key, value)
+        } else {
+            more[key] = value
         }
     }
 
