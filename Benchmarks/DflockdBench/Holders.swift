@@ -16,8 +16,8 @@ import Synchronization
 /// A lock counts as failed when `onLockLost` named it, when it was seen (once a second, a
 /// rotating slice of a tenth of the locks, at least 10,000, so that each lock is looked at
 /// every 10 s without this thread's reads of 100,000 locks a second weighing in the process's
-/// CPU per renewal; and all of them at the end) not `.held`
-/// or holding another token than when the hold began, or when the server,
+/// CPU per renewal; and all of them at the end) not `.held` or holding another token than when
+/// the hold began, or when the server,
 /// asked at the end on a connection of its own (`l <key> 0`), did not find the key taken.
 /// Once a second the main thread also times one request to each server on a blocking socket
 /// of its own (its writes are taken out of the count too): when locks are lost, that tells a

@@ -21,7 +21,6 @@ struct LeaseOptions: Sendable {
     /// Where the lock and its connections log (the default logs nothing).
     var logger = Logger.disabled
 
-    /// The connection-level part.
     /// The options of a lock or semaphore placed on `session`: servers, sharding, TLS, auth and
     /// timeouts are the session's; a connection of the lock's own is kept from the servers'
     /// read timeout by the default `maxIdleMs`.
@@ -32,6 +31,7 @@ struct LeaseOptions: Sendable {
                      connectTimeoutMs: nil, socketTimeoutMs: nil, maxIdleMs: DistributedLease.defaultMaxIdleMs, logger: logger)
     }
 
+    /// The connection-level part.
     var connection: ConnectionOptions {
         ConnectionOptions(tls: tls, auth: auth, connectTimeoutMs: connectTimeoutMs, socketTimeoutMs: socketTimeoutMs, logger: logger)
     }
