@@ -328,7 +328,7 @@ struct CodecTests {
             }
         }
 
-        @Test("a lock's renewals and releases, built from a validated key and token, are the checked factories' requests")
+        @Test("a lock's renewals, releases and acquires, built from a validated key and token, are the checked factories' requests")
         func validatedFactories() throws {
             let token = "0123456789abcdef0123456789abcdef"
             for lease in [nil, 30] as [Int?] {
@@ -336,6 +336,18 @@ struct CodecTests {
                         == (try .renew(key: "k", token: token, leaseTtlS: lease)))
                 #expect(Request.renew(validatedKey: "k", validatedToken: token, leaseTtlS: lease, semaphore: true)
                         == (try .semaphoreRenew(key: "k", token: token, leaseTtlS: lease)))
+                for timeout in [0, 7] {
+                    let acquire = try Request.acquire(validatedKey: "k", timeoutS: timeout, leaseTtlS: lease)
+                    #expect(acquire == (try .acquire(key: "k", timeoutS: timeout, leaseTtlS: lease)))
+                    #expect(acquire.bytes == Array("l\nk\n\(timeout)\(lease.map { " \($0)" } ?? "")\n".utf8))
+                    #expect(try Request.semaphoreAcquire(validatedKey: "k", limit: 3, timeoutS: timeout, leaseTtlS: lease)
+                            == (try .semaphoreAcquire(key: "k", limit: 3, timeoutS: timeout, leaseTtlS: lease)))
+                }
+            }
+            // The one argument they still check: a timeout that cannot be sent.
+            expectInvalid("timeoutS", "l") { () throws(LockError) in _ = try Request.acquire(validatedKey: "k", timeoutS: -1, leaseTtlS: nil) }
+            expectInvalid("timeoutS", "sl") { () throws(LockError) in
+                _ = try Request.semaphoreAcquire(validatedKey: "k", limit: 1, timeoutS: -1, leaseTtlS: nil)
             }
             #expect(Request.release(validatedKey: "k", validatedToken: token, semaphore: false) == (try .release(key: "k", token: token)))
             #expect(Request.release(validatedKey: "k", validatedToken: token, semaphore: true) == (try .semaphoreRelease(key: "k", token: token)))

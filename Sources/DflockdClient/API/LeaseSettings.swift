@@ -119,26 +119,26 @@ final class LeaseSettings: LeaseMachine.Configuration, @unchecked Sendable {
     }
 
     /// The wire request for one of the machine's outgoing messages. The key was validated when
-    /// the lock was made and a token when its grant was decoded, so renewals and releases are
-    /// built without checking again; a failure of the others is reported as the request
-    /// failing, not trapped.
+    /// the lock was made and a token when its grant was decoded, so renewals, releases and
+    /// acquires are built without checking them again; a failure of the others is reported as
+    /// the request failing, not trapped.
     func request(for outgoing: LeaseMachine.Outgoing) throws(LockError) -> Request {
         let isSemaphore: Bool
         if case .semaphore = kind { isSemaphore = true } else { isSemaphore = false }
         switch (kind, outgoing) {
-        // The hot ones: every renewal, and a release per acquire.
+        // The hot ones: every renewal, every acquire, and a release per acquire.
         case (_, .renew(let token)):
             return .renew(validatedKey: key, validatedToken: token, leaseTtlS: leaseTtlS, semaphore: isSemaphore)
         case (_, .release(let token)):
             return .release(validatedKey: key, validatedToken: token, semaphore: isSemaphore)
         case (.lock, .acquire(let timeoutS)):
-            return try .acquire(key: key, timeoutS: timeoutS, leaseTtlS: leaseTtlS)
+            return try .acquire(validatedKey: key, timeoutS: timeoutS, leaseTtlS: leaseTtlS)
         case (.lock, .enqueue):
             return try .enqueue(key: key, leaseTtlS: leaseTtlS)
         case (.lock, .wait(let timeoutS)):
             return try .wait(key: key, timeoutS: timeoutS)
         case (.semaphore(let limit), .acquire(let timeoutS)):
-            return try .semaphoreAcquire(key: key, limit: limit, timeoutS: timeoutS, leaseTtlS: leaseTtlS)
+            return try .semaphoreAcquire(validatedKey: key, limit: limit, timeoutS: timeoutS, leaseTtlS: leaseTtlS)
         case (.semaphore(let limit), .enqueue):
             return try .semaphoreEnqueue(key: key, limit: limit, leaseTtlS: leaseTtlS)
         case (.semaphore, .wait(let timeoutS)):

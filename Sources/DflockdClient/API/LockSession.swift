@@ -73,18 +73,29 @@ public final class LockSession: @unchecked Sendable {
     private let registry = ThreadLock(Registry())
     private let isClosed = Atomic<Bool>(false)
 
-    // Loop-confined.
+    // Loop-confined. Those marked `@exclusivity(unchecked)` skip Swift's dynamic exclusivity
+    // checks in release builds: they were a tenth of a request's instructions (callgrind), only
+    // the loop thread touches them, and debug builds, which the tests run, check every access.
     private var channels: [Channel]
     /// The locks attached to a shared connection, each at the slot its member names. Slots, not
     /// a dictionary: at 100,000 locks a dictionary's table has 262,144 buckets (it grows at
     /// three quarters full), which cost 84 bytes a lock here.
+    #if !DEBUG
+    @exclusivity(unchecked)
+    #endif
     private var members: [MemberEntry] = []
+    #if !DEBUG
+    @exclusivity(unchecked)
+    #endif
     private var freeMembers: [UInt32] = []
     private var random = SystemRandomNumberGenerator()
 
     /// One shared connection slot: its machine and, while one exists, its connection.
     private final class Channel {
         let endpoint: Endpoint
+        #if !DEBUG
+        @exclusivity(unchecked)
+        #endif
         var machine = SharedConnectionMachine()
         var connection: Connection?
         var observer: ChannelObserver?

@@ -30,8 +30,9 @@ enum Reply: Sendable, Equatable {
     case queued
     /// `timeout` to `l`, `w`, `sl`, `sw`: nothing was granted (and a `w` waiter left the queue).
     case timeout
-    /// `ok <json>` to `stats`.
-    case stats(ServerStats)
+    /// `ok <json>` to `stats`. Indirect: every reply is copied a few times on its way to the
+    /// machine, and the stats inline made each one 144 bytes.
+    indirect case stats(ServerStats)
 }
 
 /// Turns one reply line into a typed reply or the error it stands for. Pure: no I/O.
@@ -129,27 +130,41 @@ enum ReplyDecoder {
     /// and goes through ``decode(_:for:)-(String,_)``, which stays the one definition of
     /// what a reply means.
     private static func decodeCommonSuccess(_ line: UnsafeRawBufferPointer, for request: Request) -> Reply? {
-        var fields: [Range<Int>] = []
-        fields.reserveCapacity(3)
+        // At most three fields, kept in place: an array of them was an allocation per reply.
+        var fields = (0..<0, 0..<0, 0..<0)
+        var fieldCount = 0
         var start = 0
         for (index, byte) in line.enumerated() {
             guard byte < 0x80 else { return nil }
             if byte == 0x20 {
-                guard index > start, fields.count < 2 else { return nil }
-                fields.append(start..<index)
+                guard index > start, fieldCount < 2 else { return nil }
+                if fieldCount == 0 { fields.0 = start..<index } else { fields.1 = start..<index }
+                fieldCount += 1
                 start = index + 1
             }
         }
         guard start < line.count else { return nil }
-        fields.append(start..<line.count)
+        switch fieldCount {
+        case 0: fields.0 = start..<line.count
+        case 1: fields.1 = start..<line.count
+        default: fields.2 = start..<line.count
+        }
+        fieldCount += 1
 
+        func range(_ index: Int) -> Range<Int> {
+            switch index {
+            case 0: return fields.0
+            case 1: return fields.1
+            default: return fields.2
+            }
+        }
         func field(_ index: Int, is literal: StaticString) -> Bool {
-            let range = fields[index]
+            let range = range(index)
             guard range.count == literal.utf8CodeUnitCount else { return false }
             return memcmp(line.baseAddress! + range.lowerBound, literal.utf8Start, range.count) == 0
         }
         func number(_ index: Int) -> Int? {
-            let range = fields[index]
+            let range = range(index)
             guard range.count <= 18 else { return nil }
             var value = 0
             for byte in line[range] {
@@ -159,7 +174,7 @@ enum ReplyDecoder {
             return value
         }
 
-        switch (fields.count, request.command) {
+        switch (fieldCount, request.command) {
         case (1, .release), (1, .semaphoreRelease), (1, .auth), (1, .ping):
             return field(0, is: "ok") ? .ok : nil
         case (1, .acquire), (1, .wait), (1, .semaphoreAcquire), (1, .semaphoreWait):
@@ -171,10 +186,10 @@ enum ReplyDecoder {
             return .renewed(remainingS: seconds)
         case (3, .acquire), (3, .wait), (3, .semaphoreAcquire), (3, .semaphoreWait):
             guard field(0, is: "ok") else { return nil }
-            return grant(line, token: fields[1], lease: number(2))
+            return grant(line, token: fields.1, lease: number(2))
         case (3, .enqueue), (3, .semaphoreEnqueue):
             guard field(0, is: "acquired") else { return nil }
-            return grant(line, token: fields[1], lease: number(2))
+            return grant(line, token: fields.1, lease: number(2))
         default:
             return nil
         }

@@ -46,22 +46,29 @@ struct Request: Sendable, Hashable {
 
     /// Appends the three lines to `buffer`.
     func encode(into buffer: inout [UInt8]) {
-        buffer.append(contentsOf: command.rawValue.utf8)
+        Self.append(command.rawValue, to: &buffer)
         buffer.append(0x0A)
-        buffer.append(contentsOf: key.utf8)
+        Self.append(key, to: &buffer)
         buffer.append(0x0A)
         appendArgument(to: &buffer)
         buffer.append(0x0A)
     }
 
     private func appendArgument(to buffer: inout [UInt8]) {
-        buffer.append(contentsOf: text.utf8)
+        Self.append(text, to: &buffer)
         var separated = !text.isEmpty
         numbers.forEach { number in
             if separated { buffer.append(0x20) }
             separated = true
             Self.appendDecimal(number, to: &buffer)
         }
+    }
+
+    /// A native string's UTF-8 is contiguous: copied in one go, not a code unit at a time
+    /// through the generic `append(contentsOf:)` of a `String.UTF8View`.
+    private static func append(_ string: String, to buffer: inout [UInt8]) {
+        let copied: Void? = string.utf8.withContiguousStorageIfAvailable { buffer.append(contentsOf: $0) }
+        if copied == nil { buffer.append(contentsOf: string.utf8) }
     }
 
     /// The encoded request.
@@ -72,15 +79,19 @@ struct Request: Sendable, Hashable {
         return buffer
     }
 
+    /// Formats the digits on the stack, last first, then appends them in one go.
     private static func appendDecimal(_ number: Int, to buffer: inout [UInt8]) {
         if number < 0 { buffer.append(0x2D) }
         var rest = number.magnitude
-        var divisor: UInt = 1
-        while divisor <= rest / 10 { divisor *= 10 }
-        while divisor > 0 {
-            buffer.append(0x30 + UInt8(rest / divisor))
-            rest %= divisor
-            divisor /= 10
+        // 20 digits hold any UInt64.
+        withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 20) { digits in
+            var start = digits.count
+            repeat {
+                start -= 1
+                digits[start] = 0x30 + UInt8(rest % 10)
+                rest /= 10
+            } while rest > 0
+            buffer.append(contentsOf: UnsafeBufferPointer(rebasing: digits[start...]))
         }
     }
 
@@ -93,8 +104,14 @@ struct Request: Sendable, Hashable {
 
     static func acquire(key: String, timeoutS: Int, leaseTtlS: Int? = nil) throws(LockError) -> Request {
         try Validation.key(key)
-        try Validation.timeout(timeoutS, name: "timeoutS")
         try Validation.lease(leaseTtlS)
+        return try .acquire(validatedKey: key, timeoutS: timeoutS, leaseTtlS: leaseTtlS)
+    }
+
+    /// `l` for a lock's driver, whose key and lease were validated when the lock was made:
+    /// only the timeout is checked, and the key is not scanned again on every acquire.
+    static func acquire(validatedKey key: String, timeoutS: Int, leaseTtlS: Int?) throws(LockError) -> Request {
+        try Validation.timeout(timeoutS, name: "timeoutS")
         return Request(.acquire, key: key, numbers: Numbers(first: timeoutS, second: leaseTtlS), blockingSeconds: timeoutS)
     }
 
@@ -138,8 +155,14 @@ struct Request: Sendable, Hashable {
     static func semaphoreAcquire(key: String, limit: Int, timeoutS: Int, leaseTtlS: Int? = nil) throws(LockError) -> Request {
         try Validation.key(key)
         try Validation.limit(limit)
-        try Validation.timeout(timeoutS, name: "timeoutS")
         try Validation.lease(leaseTtlS)
+        return try .semaphoreAcquire(validatedKey: key, limit: limit, timeoutS: timeoutS, leaseTtlS: leaseTtlS)
+    }
+
+    /// `sl` for a semaphore's driver, whose key, limit and lease were validated when it was
+    /// made: only the timeout is checked.
+    static func semaphoreAcquire(validatedKey key: String, limit: Int, timeoutS: Int, leaseTtlS: Int?) throws(LockError) -> Request {
+        try Validation.timeout(timeoutS, name: "timeoutS")
         return Request(.semaphoreAcquire, key: key, numbers: Numbers(first: timeoutS, second: limit, third: leaseTtlS), blockingSeconds: timeoutS)
     }
 

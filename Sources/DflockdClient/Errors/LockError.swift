@@ -4,13 +4,15 @@
 /// what to do. Server statuses each have a case of their own (see `protocol.md`), client-side
 /// failures likewise.
 public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
+    // The cases with more than one payload are `indirect`: the error then takes 17 bytes, not
+    // 41, in every reply, event and action that can carry one, which are copied on every step.
     /// The lock was not granted within the acquire timeout (`AcquireTimeoutError` in dflockd's
     /// TypeScript client).
     case acquireTimeout(key: String)
     /// The server rejected the auth secret (`error_auth`), or closed the connection during auth.
     case authFailed
     /// A caller-supplied value cannot be sent: `name` is the option or argument, `reason` why.
-    case invalidArgument(name: String, reason: String)
+    indirect case invalidArgument(name: String, reason: String)
     /// `acquire` or `enqueue` on an instance that is already connected, without `force`.
     case alreadyConnected(key: String)
     /// `release` on an instance that holds no connection (already released or closed).
@@ -19,7 +21,7 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
     case operationInProgress(key: String)
     /// The lock was lost while held: a renewal failed or the connection ended, and
     /// `onLockLost` was called. Reported once, by the next `release()`.
-    case lockLost(key: String, token: String)
+    indirect case lockLost(key: String, token: String)
     /// `wait` before `enqueue`, or the server answered `error_not_enqueued`.
     case notEnqueued(key: String)
     /// The server answered `error_already_enqueued`: this connection already waits on the key.
@@ -41,7 +43,7 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
     /// `release` sent, but the server did not confirm it in time (a request deadline passed, it
     /// stopped answering). The connection was closed; the server frees the key when it sees
     /// that, and at the latest when the lease (`leaseS` seconds from the last renewal) ends.
-    case releaseUnconfirmed(key: String, leaseS: Int)
+    indirect case releaseUnconfirmed(key: String, leaseS: Int)
     /// The server is shutting down and takes no new grants (`error_draining`, dflockd 1.16 and
     /// later).
     case serverDraining
@@ -54,13 +56,13 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
     /// after three redirects in one call. A ``Connection`` always reports it.
     case notLeader(leader: String?)
     /// The server answered `error` to a request this client sent as well-formed.
-    case serverError(command: String, key: String)
+    indirect case serverError(command: String, key: String)
     /// The host name did not resolve.
-    case resolveFailed(host: String, reason: String)
+    indirect case resolveFailed(host: String, reason: String)
     /// No address of the server accepted the TCP connection.
-    case connectFailed(host: String, port: Int, reason: String)
+    indirect case connectFailed(host: String, port: Int, reason: String)
     /// The TCP (and TLS) connection was not established within `connectTimeoutMs`.
-    case connectTimeout(host: String, port: Int, milliseconds: Int)
+    indirect case connectTimeout(host: String, port: Int, milliseconds: Int)
     /// No byte arrived within `socketTimeoutMs` while a reply was awaited.
     case socketTimeout(milliseconds: Int)
     /// No reply to `command` on `key` came within its deadline of `milliseconds` (a blocking
@@ -68,7 +70,7 @@ public enum LockError: Error, Sendable, Hashable, CustomStringConvertible {
     /// which a raw ``Connection`` sets; a lock's and a session's requests use the defaults,
     /// 5 s and 10 s): the server is frozen, overloaded or unreachable. The connection was
     /// closed.
-    case requestTimeout(command: String, key: String, milliseconds: Int)
+    indirect case requestTimeout(command: String, key: String, milliseconds: Int)
     /// The connection ended (the server closed it, it was reset, or a read or write failed).
     case connectionClosed(reason: String)
     /// The server sent something that is not a valid reply to the request outstanding.

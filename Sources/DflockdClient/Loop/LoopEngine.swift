@@ -31,10 +31,19 @@ final class LoopEngine: @unchecked Sendable {
     /// Made on first use (a loop without shared connections has none), unreferenced, and
     /// started only while work is queued. Loop thread only.
     private var endOfTurn: UnsafeMutablePointer<uv_prepare_t>?
+    // Those marked `@exclusivity(unchecked)` skip Swift's dynamic exclusivity
+    // checks in release builds: they were a tenth of a request's instructions (callgrind), only
+    // the loop thread touches them, and debug builds, which the tests run, check every access.
+    #if !DEBUG
+    @exclusivity(unchecked)
+    #endif
     private var endOfTurnWork: [() -> Void] = []
 
     /// The top-level owners of handles (connections, timers of locks) that shutdown closes.
     /// Loop thread only. Held weakly: a connection its owner dropped must still be free to go.
+    #if !DEBUG
+    @exclusivity(unchecked)
+    #endif
     private var resources: [ObjectIdentifier: WeakResource] = [:]
     private var registrations = 0
     /// Set when shutdown begins; from then on no work runs on the loop. Loop thread only.
