@@ -54,6 +54,7 @@ final class LeaseDriver: @unchecked Sendable {
     private var isTornDown = false
     /// Events that arrived while the machine's actions were being performed (a connection
     /// closed by an action reports on its way out): fed to the machine afterwards, in order.
+    /// Its storage is borrowed from the loop's ``DriverScratch`` while in use.
     #if !DEBUG
     @exclusivity(unchecked)
     #endif
@@ -62,11 +63,11 @@ final class LeaseDriver: @unchecked Sendable {
     /// A step changed the state, token or lease that ``publish()`` shows other threads.
     private var mustPublish = false
     /// Completions and callbacks produced by the events being drained, run once the resulting
-    /// state is published.
+    /// state is published. Its storage is borrowed from the loop's ``DriverScratch``.
     #if !DEBUG
     @exclusivity(unchecked)
     #endif
-    private var deliveries: [() -> Void] = []
+    private var deliveries: [Delivery] = []
 
     let published: ThreadLock<Published>
     /// The local lease deadline (loop clock, ms; `UInt64.max`: nothing held), apart from the
@@ -82,6 +83,12 @@ final class LeaseDriver: @unchecked Sendable {
         var state = LockState.idle
         var token: String?
         var lease = 0
+    }
+
+    /// What a drained step owes: data, not a closure, so that it costs no allocation.
+    fileprivate enum Delivery {
+        case complete(PendingCompletion, LeaseMachine.Outcome)
+        case lockLost(token: String)
     }
 
     enum PendingCompletion {
@@ -162,6 +169,7 @@ final class LeaseDriver: @unchecked Sendable {
     private func drive(_ event: LeaseMachine.Event, deliverLater: Bool = false) {
         guard !isTornDown else { return }
         guard !isDraining else {
+            if eventQueue.capacity == 0 { eventQueue = scratch.events.take() }
             eventQueue.append(event)
             return
         }
@@ -173,8 +181,8 @@ final class LeaseDriver: @unchecked Sendable {
                 step(eventQueue[next])
                 next += 1
             }
-            // Not kept for the next time: with 100,000 locks a queue's storage each is 20 MB.
-            eventQueue = []
+            // Not kept: with 100,000 locks a queue's storage each is 20 MB.
+            scratch.events.giveBack(&eventQueue)
         }
         isDraining = false
         publish()
@@ -183,21 +191,35 @@ final class LeaseDriver: @unchecked Sendable {
         selfWhileBusy = completions.isEmpty ? nil : self
         if handleIsGone, completions.isEmpty { tearDown() }
         guard !deliveries.isEmpty else { return }
-        let ready = deliveries
-        deliveries.removeAll()
+        var ready: [Delivery] = []
+        swap(&ready, &deliveries)
+        let onLockLost = settings.onLockLost, key = settings.key
         if deliverLater {
-            loop.runLater { for delivery in ready { delivery() } }
+            loop.runLater { for delivery in ready { Self.deliver(delivery, onLockLost: onLockLost, key: key) } }
         } else {
-            for delivery in ready { delivery() }
+            for delivery in ready { Self.deliver(delivery, onLockLost: onLockLost, key: key) }
+            scratch.deliveries.giveBack(&ready)
         }
+    }
+
+    private static func deliver(_ delivery: Delivery, onLockLost: ((String, String) -> Void)?, key: String) {
+        switch delivery {
+        case .complete(let completion, let outcome): complete(completion, outcome)
+        case .lockLost(let token): onLockLost?(key, token)
+        }
+    }
+
+    private func owe(_ delivery: Delivery) {
+        if deliveries.capacity == 0 { deliveries = scratch.deliveries.take() }
+        deliveries.append(delivery)
     }
 
     private func step(_ event: LeaseMachine.Event) {
         let stateBefore = machine.publicState
         let holdingBefore = machine.holding
-        let buffer = stepBuffer
-        var actions = buffer.take()
-        defer { buffer.giveBack(&actions) }
+        let scratch = scratch
+        var actions = scratch.actions.take()
+        defer { scratch.actions.giveBack(&actions) }
         machine.handle(event, into: &actions)
         let holding = machine.holding
         telemetry.observe(event, before: LeaseTelemetry.Before(holding: holdingBefore), actions: actions, after: holding,
@@ -211,12 +233,12 @@ final class LeaseDriver: @unchecked Sendable {
         for action in actions { perform(action) }
     }
 
-    /// The loop's step buffer, made by the first step on the loop.
-    private var stepBuffer: StepBuffer {
-        if let made = loop.leaseStepBuffer { return unsafeDowncast(made, to: StepBuffer.self) }
-        let buffer = StepBuffer()
-        loop.leaseStepBuffer = buffer
-        return buffer
+    /// The loop's scratch storage, made by the first driver that needs it.
+    private var scratch: DriverScratch {
+        if let made = loop.leaseDriverScratch { return unsafeDowncast(made, to: DriverScratch.self) }
+        let scratch = DriverScratch()
+        loop.leaseDriverScratch = scratch
+        return scratch
     }
 
     private func perform(_ action: LeaseMachine.Action) {
@@ -285,12 +307,9 @@ final class LeaseDriver: @unchecked Sendable {
                 assertionFailure("\(key): a completion for unknown call \(call)")
                 return
             }
-            deliveries.append { Self.complete(completion, outcome) }
+            owe(.complete(completion, outcome))
         case .reportLockLost(let token):
-            if let onLockLost = settings.onLockLost {
-                let key = settings.key
-                deliveries.append { onLockLost(key, token) }
-            }
+            if settings.onLockLost != nil { owe(.lockLost(token: token)) }
         case .stateChanged:
             break
         }
@@ -405,26 +424,43 @@ final class LeaseDriver: @unchecked Sendable {
     }
 }
 
-/// The storage of the actions of one machine step, kept per loop and reused: an array per step
-/// cost an allocation, a reallocation or two as actions were appended, and a free, about a
-/// fifth of a request's instructions on a shared connection (callgrind). A step that runs
-/// while another driver's step holds the buffer (one driver's action stepping another) takes
-/// an empty array instead.
-private final class StepBuffer {
+/// Array storage the drivers of one loop borrow while they drive: a machine step's actions,
+/// the events queued while they are performed, the completions owed. An array per step, per
+/// queue and per drive cost an allocation, a reallocation or two and a free each, about a
+/// fifth of a request's instructions on a shared connection (callgrind); a driver cannot keep
+/// its own (with 100,000 locks they would cost as much memory as the locks). A driver that
+/// drives while another holds the storage (one driver's completion driving another) borrows
+/// an empty array, which allocates as before.
+private final class DriverScratch {
     #if !DEBUG
     @exclusivity(unchecked)
     #endif
-    private var spare: [LeaseMachine.Action] = []
+    var actions = Spare<LeaseMachine.Action>()
+    #if !DEBUG
+    @exclusivity(unchecked)
+    #endif
+    var events = Spare<LeaseMachine.Event>()
+    #if !DEBUG
+    @exclusivity(unchecked)
+    #endif
+    var deliveries = Spare<LeaseDriver.Delivery>()
 
-    func take() -> [LeaseMachine.Action] {
-        var taken: [LeaseMachine.Action] = []
-        swap(&taken, &spare)
-        return taken
-    }
+    /// One spare array: taken whole (the taker gets its storage), given back emptied.
+    struct Spare<Element> {
+        private var storage: [Element] = []
 
-    func giveBack(_ actions: inout [LeaseMachine.Action]) {
-        actions.removeAll(keepingCapacity: true)
-        if actions.capacity > spare.capacity { swap(&actions, &spare) }
+        mutating func take() -> [Element] {
+            var taken: [Element] = []
+            swap(&taken, &storage)
+            return taken
+        }
+
+        /// Keeps the larger storage of the two; `array` is left empty, without storage.
+        mutating func giveBack(_ array: inout [Element]) {
+            array.removeAll(keepingCapacity: true)
+            if array.capacity > storage.capacity { swap(&array, &storage) }
+            array = []
+        }
     }
 }
 

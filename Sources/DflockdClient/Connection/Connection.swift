@@ -50,12 +50,12 @@ public final class Connection: @unchecked Sendable {
     #if !DEBUG
     @exclusivity(unchecked)
     #endif
-    private var core: ConnectionCore<Completion>
+    private var core: ConnectionCore<ReplyCallback>
     /// Actions of the step being performed; kept to reuse its storage.
     #if !DEBUG
     @exclusivity(unchecked)
     #endif
-    private var actions: [ConnectionCore<Completion>.Action] = []
+    private var actions: [ConnectionCore<ReplyCallback>.Action] = []
     private var isPerforming = false
     #if !DEBUG
     @exclusivity(unchecked)
@@ -86,6 +86,13 @@ public final class Connection: @unchecked Sendable {
     private(set) var lastWriteMs: UInt64 = 0
 
     typealias Completion = (Result<Reply, LockError>) -> Void
+
+    /// A request's completion as the core keeps it. A struct, so that the closure is stored as
+    /// it is: a bare function type as the core's generic argument is stored at its most general
+    /// representation, which cost a reabstraction thunk and its allocation on every request.
+    struct ReplyCallback {
+        let run: Completion
+    }
 
     struct Configuration: Sendable {
         var tls: TLSOptions?
@@ -283,7 +290,7 @@ public final class Connection: @unchecked Sendable {
     func send(_ request: Request, completion: @escaping Completion) {
         loop.assertInLoop()
         let completion = telemetry.tracing(request, completion: completion, nowMs: loop.nowMs)
-        step(fromCaller: true) { core, now, actions in core.send(request, completion: completion, nowMs: now, into: &actions) }
+        step(fromCaller: true) { core, now, actions in core.send(request, completion: ReplyCallback(run: completion), nowMs: now, into: &actions) }
     }
 
     // MARK: - Driving the core
@@ -293,7 +300,7 @@ public final class Connection: @unchecked Sendable {
     /// actions, which the outer step performs in order; writes and the timer are settled once,
     /// when the outermost step is done. The actions of a step the caller took are what must
     /// not run inside the caller's call: completions, readiness and the end go to a later turn.
-    private func step(fromCaller: Bool, _ input: (inout ConnectionCore<Completion>, UInt64, inout [ConnectionCore<Completion>.Action]) -> Void) {
+    private func step(fromCaller: Bool, _ input: (inout ConnectionCore<ReplyCallback>, UInt64, inout [ConnectionCore<ReplyCallback>.Action]) -> Void) {
         let first = actions.count
         input(&core, loop.nowMs, &actions)
         if fromCaller, actions.count > first { deferCallbacks(from: first) }
@@ -328,7 +335,7 @@ public final class Connection: @unchecked Sendable {
 
     /// Moves the callbacks among the actions from `first` on to one later turn of the loop.
     private func deferCallbacks(from first: Int) {
-        var later: [ConnectionCore<Completion>.Action] = []
+        var later: [ConnectionCore<ReplyCallback>.Action] = []
         var kept = first
         for index in first..<actions.count {
             switch actions[index] {
@@ -347,7 +354,7 @@ public final class Connection: @unchecked Sendable {
         }
     }
 
-    private func perform(_ action: ConnectionCore<Completion>.Action) {
+    private func perform(_ action: ConnectionCore<ReplyCallback>.Action) {
         switch action {
         case .startTransport:
             telemetry.connecting(tls: configuration.tls != nil, auth: configuration.auth != nil)
@@ -357,7 +364,7 @@ public final class Connection: @unchecked Sendable {
             transport?.close()
             transport = nil
         case .complete(let completion, let result):
-            completion(result)
+            completion.run(result)
         case .ready:
             telemetry.ready(nowMs: loop.nowMs)
             finishConnecting(.success(()))

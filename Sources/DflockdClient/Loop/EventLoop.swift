@@ -22,13 +22,13 @@ public final class EventLoop: @unchecked Sendable {
     let engine: LoopEngine
     /// The executor's jobs enqueued on the loop thread (`EventLoop+Executor.swift`).
     let runQueue = RunQueue()
-    /// The reusable buffer of the lease drivers' machine steps on this loop, made on first use
-    /// (``LeaseDriver``'s `stepBuffer`; an upper layer's type, hence `AnyObject`). Loop thread
-    /// only, and unchecked for the reason ``LeaseDriver`` gives for its own state.
+    /// The storage the lease drivers of this loop borrow while they drive, made on first use
+    /// (``LeaseDriver``'s `DriverScratch`; an upper layer's type, hence `AnyObject`). Loop
+    /// thread only, and unchecked for the reason ``LeaseDriver`` gives for its own state.
     #if !DEBUG
     @exclusivity(unchecked)
     #endif
-    var leaseStepBuffer: AnyObject?
+    var leaseDriverScratch: AnyObject?
 
     /// Creates a loop with its own `uv_loop_t` and starts a thread that runs it.
     ///
