@@ -12,7 +12,10 @@ struct LeaseTelemetry {
     /// The lock's settings (shared with it): its logger, metrics, key, kind and server.
     private let settings: LeaseSettings
     private let reconnects: Counter
-    private var logger: Logger { settings.logger }
+    /// nil when the lock's logger logs nothing (``Logger/logsNothing``): every statement is
+    /// then skipped whole.
+    private var logger: Logger? { logs ? settings.logger : nil }
+    private let logs: Bool
     private var metrics: DflockdMetrics.Lease { settings.metrics }
     /// When each acquire, enqueue and wait in flight was started (loop clock).
     private var startedMs = CallTable<LeaseMachine.CallID, UInt64>()
@@ -24,6 +27,7 @@ struct LeaseTelemetry {
 
     init(settings: LeaseSettings) {
         self.settings = settings
+        logs = !settings.logger.logsNothing
         reconnects = (settings.connectionMetrics ?? .current).reconnects
     }
 
@@ -55,10 +59,10 @@ struct LeaseTelemetry {
                 if let reason = lastFailure {
                     lastFailure = nil
                     reconnects.increment()
-                    logger.info("reconnecting", metadata: metadata([LogField.reason: .string(reason)]))
+                    logger?.info("reconnecting", metadata: metadata([LogField.reason: .string(reason)]))
                 }
             case .redirectSession(_, _, let leader):
-                logger.info("following a redirect to the cluster leader", metadata: metadata([LogField.leader: .string("\(leader)")]))
+                logger?.info("following a redirect to the cluster leader", metadata: metadata([LogField.leader: .string("\(leader)")]))
             case .complete(let call, let operation, let outcome):
                 completed(call, operation, outcome, holding: holding, nowMs: nowMs)
             case .reportLockLost(let token):
@@ -69,7 +73,7 @@ struct LeaseTelemetry {
                     countsAsHeld = held
                     held ? metrics.held.increment() : metrics.held.decrement()
                 }
-                logger.debug("state changed", metadata: metadata([LogField.state: .string("\(state)")]))
+                logger?.debug("state changed", metadata: metadata([LogField.state: .string("\(state)")]))
             default:
                 break
             }
@@ -84,12 +88,12 @@ struct LeaseTelemetry {
         guard operation != .release else {
             switch outcome {
             case .failed(.releaseUnconfirmed(let key, let leaseS)):
-                logger.notice("release unconfirmed", metadata: metadata([
+                logger?.notice("release unconfirmed", metadata: metadata([
                     LogField.reason: .string(LockError.releaseUnconfirmed(key: key, leaseS: leaseS).description)]))
             case .failed(let error):
-                logger.debug("release failed", metadata: metadata([LogField.reason: .string(Redaction.error(error))]))
+                logger?.debug("release failed", metadata: metadata([LogField.reason: .string(Redaction.error(error))]))
             default:
-                logger.debug("released", metadata: metadata())
+                logger?.debug("released", metadata: metadata())
             }
             return
         }
@@ -99,19 +103,19 @@ struct LeaseTelemetry {
         case .granted:
             metrics.granted.increment()
             if started != nil { metrics.acquireWait.recordMilliseconds(elapsedMs) }
-            logger.debug("acquired", metadata: metadata([
+            logger?.debug("acquired", metadata: metadata([
                 LogField.token: .string(holding.map { Redaction.token($0.grant.token) } ?? ""),
                 LogField.leaseS: .stringConvertible(holding?.leaseS ?? 0),
                 LogField.elapsedMs: .stringConvertible(elapsedMs)]))
         case .timedOut:
             metrics.timedOut.increment()
             if started != nil { metrics.acquireWait.recordMilliseconds(elapsedMs) }
-            logger.debug("acquire timed out", metadata: metadata([LogField.elapsedMs: .stringConvertible(elapsedMs)]))
+            logger?.debug("acquire timed out", metadata: metadata([LogField.elapsedMs: .stringConvertible(elapsedMs)]))
         case .queued:
-            logger.debug("queued", metadata: metadata())
+            logger?.debug("queued", metadata: metadata())
         case .failed(let error):
             metrics.failed.increment()
-            logger.debug("\(operation) failed", metadata: metadata([LogField.reason: .string(Redaction.error(error))]))
+            logger?.debug("\(operation) failed", metadata: metadata([LogField.reason: .string(Redaction.error(error))]))
         case .released:
             break
         }
@@ -123,12 +127,12 @@ struct LeaseTelemetry {
         let remainingMs = deadlineMs > sentAtMs ? deadlineMs - sentAtMs : 0
         if roundTripMs > 0 && roundTripMs * 2 > remainingMs {
             metrics.renewedLate.increment()
-            logger.warning("renewal answered late", metadata: metadata([
+            logger?.warning("renewal answered late", metadata: metadata([
                 LogField.roundTripMs: .stringConvertible(roundTripMs), LogField.remainingMs: .stringConvertible(remainingMs),
                 LogField.leaseS: .stringConvertible(leaseS)]))
         } else {
             metrics.renewed.increment()
-            logger.trace("renewed", metadata: metadata([LogField.roundTripMs: .stringConvertible(roundTripMs),
+            logger?.trace("renewed", metadata: metadata([LogField.roundTripMs: .stringConvertible(roundTripMs),
                                                         LogField.leaseS: .stringConvertible(leaseS)]))
         }
     }
@@ -150,7 +154,7 @@ struct LeaseTelemetry {
         }
         metrics.lost(reason).increment()
         let beforeDeadlineMs = before.holding.map { Int64(bitPattern: $0.deadlineMs &- nowMs) } ?? 0
-        logger.warning("lock lost", metadata: metadata([
+        logger?.warning("lock lost", metadata: metadata([
             LogField.reason: .string(reason.rawValue), "dflockd.detail": .string(detail),
             LogField.token: .string(Redaction.token(token)),
             LogField.beforeDeadlineMs: .stringConvertible(beforeDeadlineMs)]))

@@ -198,8 +198,8 @@ enum ReplyDecoder {
     private static func grant(_ line: UnsafeRawBufferPointer, token range: Range<Int>, lease: Int?) -> Reply? {
         // ASCII without spaces; over-long or control-character tokens take the slow path, which
         // rejects them with a reason.
-        guard let lease, range.count <= Validation.maximumLineBytes,
-              !line[range].contains(where: { $0 < 0x21 || $0 == 0x7F }) else { return nil }
+        guard let lease, range.count <= Validation.maximumLineBytes else { return nil }
+        for index in range where line[index] < 0x21 || line[index] == 0x7F { return nil }
         return .granted(Grant(token: String(decoding: UnsafeRawBufferPointer(rebasing: line[range]), as: UTF8.self), leaseS: lease))
     }
 

@@ -6,6 +6,9 @@ import Logging
 struct ConnectionTelemetry {
     private let server: String
     private let logger: Logger
+    /// Whether `logger` can log at all (``Logger/logsNothing``): a request skips the trace
+    /// level check when it cannot.
+    private let logs: Bool
     private let metrics: DflockdMetrics
     private var connectingSince: UInt64?
     private var openSince: UInt64?
@@ -15,6 +18,7 @@ struct ConnectionTelemetry {
     init(endpoint: Endpoint, logger: Logger, metrics: DflockdMetrics) {
         self.server = endpoint.description
         self.logger = logger
+        self.logs = !logger.logsNothing
         self.metrics = metrics
     }
 
@@ -60,7 +64,7 @@ struct ConnectionTelemetry {
     /// At `trace`, wraps `completion` to log the reply; otherwise returns it as it is, so a
     /// request costs nothing more with tracing off.
     func tracing(_ request: Request, completion: @escaping Connection.Completion, nowMs: UInt64) -> Connection.Completion {
-        guard logger.logLevel <= .trace else { return completion }
+        guard logs, logger.logLevel <= .trace else { return completion }
         let logger = logger, server = server
         let sent = Self.shown(request)
         logger.trace("request", metadata: [LogField.server: .string(server), LogField.command: .string(sent)])

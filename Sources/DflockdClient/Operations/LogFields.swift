@@ -81,4 +81,10 @@ extension Logger {
     /// per log statement. One value shared by all (the default arguments of the public
     /// initializers), so that a lock made without a logger allocates none.
     @usableFromInline static let disabled = Logger(label: "dflockd", factory: { _ in SwiftLogNoOpLogHandler() })
+
+    /// Whether this logger can never log anything (its handler is swift-log's no-op one, as
+    /// ``disabled``'s is): checked once when a lock or connection is made, so that their hot
+    /// paths skip even the level checks, which read the handler through its existential on
+    /// every statement.
+    var logsNothing: Bool { handler is SwiftLogNoOpLogHandler }
 }
