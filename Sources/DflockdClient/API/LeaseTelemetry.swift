@@ -15,12 +15,14 @@ struct LeaseTelemetry {
     /// nil when the lock's logger logs nothing (``Logger/logsNothing``): every statement is
     /// then skipped whole.
     private var logger: Logger? { logs ? settings.logger : nil }
-    private let logs: Bool
     private var metrics: DflockdMetrics.Lease { settings.metrics }
     /// When each acquire, enqueue and wait in flight was started (loop clock).
     private var startedMs = CallTable<LeaseMachine.CallID, UInt64>()
     /// Whether the held gauge counts this lease now.
     private(set) var countsAsHeld = false
+    /// Whether the logger can log (see `logger`). Beside the other flag: a lone `Bool` between
+    /// the 8-byte fields cost 8 bytes a lock in padding.
+    private let logs: Bool
     /// Why the last session ended, when it failed rather than being closed or released: the
     /// next connection is then a reconnect.
     private var lastFailure: String?
