@@ -223,7 +223,7 @@ public final class LockSession: @unchecked Sendable {
         loop.runOnLoop(ifShutDown: { [lifecycle] in lifecycle.markClosed() }) { [self] in
             // The registry has the locks whose handles exist; the members also have those
             // dropped with a call still in flight, which run until it completes.
-            var closing = registry.withLock(\.all)
+            var closing = placedLeases
             let registered = Set(closing.map(ObjectIdentifier.init))
             closing += members.compactMap(\.lease).filter { !registered.contains(ObjectIdentifier($0)) }
             for lease in closing { lease.closeForSession() }

@@ -260,7 +260,7 @@ struct LeaseMachine: Sendable {
         if publicState != before { actions.append(.stateChanged(publicState)) }
     }
 
-    /// ``handle(_:into:)`` into a new array.
+    /// ``handle(_:into:)`` into a new array: the form for tests, which compare whole steps.
     mutating func handle(_ event: Event) -> [Action] {
         var actions: [Action] = []
         handle(event, into: &actions)
