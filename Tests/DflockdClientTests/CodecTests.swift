@@ -222,6 +222,7 @@ struct CodecTests {
             ("a\u{2003}b", "em space"),
             ("a\u{2028}b", "line separator"),
             ("a\u{3000}b", "ideographic space"),
+            ("é b", "space after a non-ASCII character"),
             ("trailing ", "trailing space"),
             ("\nl\nx\n0", "injected command"),
             // dflockd 0.5.0 counts the `\n` against its 256-byte line limit: 255 bytes is the most
@@ -922,6 +923,7 @@ struct ReplyFastPathTests {
         "ok 4c6af3c9\u{1}3c83 33", "ok tok\tx 33", "acquired tok 33", "acquired tok", "queued", "queued x",
         "timeout", "timeout 3", "ok " + String(repeating: "t", count: 255) + " 5",
         "ok " + String(repeating: "t", count: 256) + " 5", "ok clé 5", "error", "error_max_locks",
+        "ok to\u{7F}k 33", "ok\u{7F} 3", "ok 3\u{7F}", "ok tok 3\r", "\u{1F}ok", "~ok ~ 3",
     ].map { Array($0.utf8) }
 
     @Test func bytesAndTextAgreeOnEveryLineForEveryCommand() {

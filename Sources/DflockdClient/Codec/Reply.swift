@@ -134,14 +134,17 @@ enum ReplyDecoder {
         var fields = (0..<0, 0..<0, 0..<0)
         var fieldCount = 0
         var start = 0
-        for (index, byte) in line.enumerated() {
-            guard byte < 0x80 else { return nil }
-            if byte == 0x20 {
-                guard index > start, fieldCount < 2 else { return nil }
-                if fieldCount == 0 { fields.0 = start..<index } else { fields.1 = start..<index }
-                fieldCount += 1
-                start = index + 1
-            }
+        // One comparison for most bytes: printable ASCII other than the space is 0x21...0x7E.
+        // A space separates fields; any other byte (a control character, DEL, non-ASCII) is
+        // for the slow path to judge.
+        guard let bytes = line.baseAddress?.assumingMemoryBound(to: UInt8.self) else { return nil }
+        for index in 0..<line.count {
+            let byte = bytes[index]
+            guard byte &- 0x21 >= 0x5E else { continue }
+            guard byte == 0x20, index > start, fieldCount < 2 else { return nil }
+            if fieldCount == 0 { fields.0 = start..<index } else { fields.1 = start..<index }
+            fieldCount += 1
+            start = index + 1
         }
         guard start < line.count else { return nil }
         switch fieldCount {
@@ -196,10 +199,9 @@ enum ReplyDecoder {
     }
 
     private static func grant(_ line: UnsafeRawBufferPointer, token range: Range<Int>, lease: Int?) -> Reply? {
-        // ASCII without spaces; over-long or control-character tokens take the slow path, which
-        // rejects them with a reason.
+        // Printable ASCII without spaces (the scan of the line saw to that); over-long tokens
+        // take the slow path, which rejects them with a reason.
         guard let lease, range.count <= Validation.maximumLineBytes else { return nil }
-        for index in range where line[index] < 0x21 || line[index] == 0x7F { return nil }
         return .granted(Grant(token: String(decoding: UnsafeRawBufferPointer(rebasing: line[range]), as: UTF8.self), leaseS: lease))
     }
 

@@ -34,6 +34,17 @@ extension EventLoop {
     func bridge<Value: Sendable>(startsWhenCancelled: Bool = false,
                                  _ start: (_ completion: @escaping (Result<Value, LockError>) -> Void) -> Void,
                                  onCancel: @Sendable () -> Void) async throws -> Value {
+        try await bridge(startsWhenCancelled: startsWhenCancelled, resuming: { resume in start { resume($0) } }, onCancel: onCancel)
+    }
+
+    /// ``bridge(startsWhenCancelled:_:onCancel:)`` for an operation that resumes the call
+    /// itself: `start` gets the continuation, which the operation's one escaping closure can
+    /// capture instead of a completion closure made for it.
+    @inline(__always)
+    nonisolated(nonsending)
+    func bridge<Value: Sendable>(startsWhenCancelled: Bool = false,
+                                 resuming start: (_ resume: BridgedContinuation<Value>) -> Void,
+                                 onCancel: @Sendable () -> Void) async throws -> Value {
         // A continuation resumes its task on the task's executor (the global pool when it has
         // no preference), and an actor's code then hops to the actor: two hops for an actor on
         // the loop. Preferring the loop for the length of the call makes the resume land in
@@ -51,12 +62,12 @@ extension EventLoop {
     @inline(__always)
     nonisolated(nonsending)
     private func suspend<Value: Sendable>(_ startsWhenCancelled: Bool,
-                                          _ start: (_ completion: @escaping (Result<Value, LockError>) -> Void) -> Void,
+                                          _ start: (_ resume: BridgedContinuation<Value>) -> Void,
                                           onCancel: @Sendable () -> Void) async throws -> Value {
         // Nothing for a cancellation to do: no handler, whose record would cost a lock of the
         // task's status records to remove, and the call is one suspension in the caller's frame.
         if startsWhenCancelled {
-            return try await withUnsafeThrowingContinuation { continuation in start(resuming(continuation)) }
+            return try await withUnsafeThrowingContinuation { continuation in start(BridgedContinuation(continuation)) }
         }
         // `withTaskCancellationHandler` is an opaque, unspecialised async function that switches
         // executor on entry, on return, and in its operation closure: in a task preferring an
@@ -72,7 +83,7 @@ extension EventLoop {
                     continuation.resume(throwing: LockError.cancelled)
                     return
                 }
-                start(resuming(continuation))
+                start(BridgedContinuation(continuation))
                 // Off the loop thread `start` only queues the operation for the loop, and a
                 // cancellation meanwhile may have queued `onCancel`'s work ahead of it (which
                 // then finds no such operation). Once more, behind the operation: ending an
@@ -83,19 +94,27 @@ extension EventLoop {
     }
 }
 
-/// The completion handed to `start`, which resumes the call. Debug builds stop the program when
+/// Resumes a bridged call with an operation's result, once. Debug builds stop the program when
 /// an operation completes twice: an unsafe continuation resumed twice is undefined behaviour.
-private func resuming<Value: Sendable>(_ continuation: UnsafeContinuation<Value, any Error>) -> (Result<Value, LockError>) -> Void {
+struct BridgedContinuation<Value: Sendable>: @unchecked Sendable {
+    private let continuation: UnsafeContinuation<Value, any Error>
     #if DEBUG
-    let completed = CompletedFlag()
-    return { result in
+    // Touched only by the operation's completion, which runs once (on the loop thread, or on
+    // the caller's after shutdown): the reason for `@unchecked`.
+    private let completed = CompletedFlag()
+    #endif
+
+    init(_ continuation: UnsafeContinuation<Value, any Error>) {
+        self.continuation = continuation
+    }
+
+    func callAsFunction(_ result: Result<Value, LockError>) {
+        #if DEBUG
         precondition(!completed.isSet, "an operation completed twice")
         completed.isSet = true
+        #endif
         continuation.resume(with: result.mapError { $0 as any Error })
     }
-    #else
-    return { continuation.resume(with: $0.mapError { $0 as any Error }) }
-    #endif
 }
 
 #if DEBUG

@@ -31,18 +31,39 @@ final class RunQueue {
     /// Set once, by ``bind(to:)`` in the loop's initializer, before any other thread sees it.
     private(set) var actorExecutor: LoopActorExecutor!
 
-    // Loop thread only.
+    // Loop thread only. Those marked `@exclusivity(unchecked)` skip Swift's dynamic exclusivity
+    // checks in release builds (a job's enqueue and run cost four, a twentieth of an async
+    // call's instructions on the loop's executor); debug builds, which the tests run, check
+    // every access.
+    #if !DEBUG
+    @exclusivity(unchecked)
+    #endif
     private var jobs = Deque<Job>()
     private var idle: UnsafeMutablePointer<uv_idle_t>?
     /// Set by ``shutDown(loop:)``: later jobs go to ``afterShutdown``.
+    #if !DEBUG
+    @exclusivity(unchecked)
+    #endif
     private(set) var isClosed = false
+    #if !DEBUG
+    @exclusivity(unchecked)
+    #endif
     private var isDraining = false
     /// The loop, kept alive while jobs wait for it (their executor reference is unowned).
+    #if !DEBUG
+    @exclusivity(unchecked)
+    #endif
     private var loopWhileBusy: EventLoop?
     /// Whether the job running now on the loop thread was enqueued on the loop as a task
     /// executor (its task prefers the loop), not on an actor. Loop thread only.
+    #if !DEBUG
+    @exclusivity(unchecked)
+    #endif
     var isRunningTaskJob = false
     /// Jobs run from this queue so far, for tests.
+    #if !DEBUG
+    @exclusivity(unchecked)
+    #endif
     private(set) var jobsRun = 0
     /// Jobs that came from other threads, through the loop's inbox (each a wake-up), for tests.
     let jobsThroughInbox = Atomic<Int>(0)
