@@ -273,6 +273,64 @@ struct LockSessionTests {
         }
     }
 
+    /// A lock dropped right after starting an acquire, its try still unanswered on the shared
+    /// connection: the grant that answers it is released, so the key is free within a round
+    /// trip, not when the 30 s lease runs out.
+    @Test("a lock dropped with its try in flight on the shared connection frees the key it is granted",
+          arguments: ServerKind.allCases)
+    func aLockDroppedMidTryFreesItsGrant(on kind: ServerKind) async throws {
+        let server = try await RealServer.launch(kind)
+        let session = try LockSession(servers: [("127.0.0.1", server.port)])
+        defer { session.close() }
+        let probe = try Connection(port: server.port)
+        defer { probe.close() }
+        let outcome = ThreadLock<Result<Bool, LockError>?>(nil)
+        weak var driver: LeaseDriver?
+        do {
+            let trying = try DistributedLock(key: "gone-trying", leaseTtlS: 30, session: session)
+            driver = trying.driver
+            trying.acquire { result in outcome.withLock { $0 = result } }
+        }
+        #expect(try await eventually { outcome.withLock { $0 } != nil }, "the dropped lock's acquire never ended")
+        #expect(try await eventually { driver == nil }, "the dropped lock's driver stayed")
+        let grant = try #require(try await probe.acquire(key: "gone-trying", timeoutS: 5),
+                                 "the grant of the dropped lock's try was not released")
+        try await probe.release(key: "gone-trying", token: grant.token)
+    }
+
+    /// The same with the acquire's task cancelled while its try is unanswered: the call ends
+    /// (cancelled, or granted when the answer won the race, then released when the lock goes),
+    /// and whatever the try was granted is released.
+    @Test("a cancelled acquire whose try is in flight on the shared connection leaves its key free",
+          arguments: ServerKind.allCases)
+    func aCancelledTryLeavesItsKeyFree(on kind: ServerKind) async throws {
+        let server = try await RealServer.launch(kind)
+        let session = try LockSession(servers: [("127.0.0.1", server.port)])
+        defer { session.close() }
+        let probe = try Connection(port: server.port)
+        defer { probe.close() }
+        for round in 0..<20 {
+            let key = "cancelled-try-\(round)"
+            let lock = try DistributedLock(key: key, leaseTtlS: 30, session: session)
+            let task = Task { try await lock.acquire() }
+            // A different interleaving each round: from before the try is sent to after it is
+            // answered.
+            for _ in 0..<round { await Task.yield() }
+            task.cancel()
+            let acquired: Bool
+            do {
+                acquired = try await task.value
+            } catch LockError.cancelled {
+                acquired = false
+            }
+            #expect(acquired || lock.state != .held)
+            if acquired { try await lock.release() }
+            #expect(lock.state != .held, "\(key): held after the cancelled acquire and its release")
+            let grant = try #require(try await probe.acquire(key: key, timeoutS: 5), "\(key): the cancelled try's grant was kept")
+            try await probe.release(key: key, token: grant.token)
+        }
+    }
+
     /// `session.close()` closes every lock of the session, also one whose handle has gone while
     /// its acquire still waits (on a connection of its own, the key being taken): the acquire
     /// fails, and the key is never granted to it.

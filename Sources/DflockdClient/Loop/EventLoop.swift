@@ -135,8 +135,10 @@ public final class EventLoop: @unchecked Sendable {
     }
 
     /// Schedules `work` like ``execute(_:)``; false when the loop has shut down and the work
-    /// was dropped.
-    func tryExecute(_ work: @escaping @Sendable () -> Void) -> Bool {
+    /// was dropped. Not `@Sendable`: the layers above hand the loop work that touches what only
+    /// the loop thread touches, which is what the loop thread is for (a wrapper making it
+    /// `@Sendable` cost an allocation per call).
+    func tryExecute(_ work: @escaping () -> Void) -> Bool {
         engine.tryExecute(work)
     }
 

@@ -26,6 +26,8 @@ final class LoopEngine: @unchecked Sendable {
     private let loopThread: pthread_t
     private let wakeup: UnsafeMutablePointer<uv_async_t>
     private let inbox = ThreadLock(Inbox())
+    /// The inbox's other buffer, empty between drains (see ``drainInbox()``). Loop thread only.
+    private var spareInbox: [LoopWork] = []
     /// Runs the work queued with ``atEndOfTurn(_:)`` just before the loop polls: the
     /// gathering point for writes issued by the timers, reads and work of one turn.
     /// Made on first use (a loop without shared connections has none), unreferenced, and
@@ -37,7 +39,9 @@ final class LoopEngine: @unchecked Sendable {
     #if !DEBUG
     @exclusivity(unchecked)
     #endif
-    private var endOfTurnWork: [() -> Void] = []
+    private var endOfTurnWork: [LoopWork] = []
+    /// `endOfTurnWork`'s other buffer, empty between passes (as ``spareInbox``).
+    private var spareEndOfTurnWork: [LoopWork] = []
 
     /// The top-level owners of handles (connections, timers of locks) that shutdown closes.
     /// Loop thread only. Held weakly: a connection its owner dropped must still be free to go.
@@ -60,7 +64,9 @@ final class LoopEngine: @unchecked Sendable {
     var willCloseWakeup: (() -> Void)?
 
     private struct Inbox {
-        var work: [@Sendable () -> Void] = []
+        /// Not `@Sendable`: work runs on the loop thread, where what it touches lives, and the
+        /// layers above hand the loop work that may touch only that (``EventLoop/runOnLoop``).
+        var work: [LoopWork] = []
         var isClosed = false
         /// Set by an owned loop's shutdown: the next wake-up closes everything.
         var closeRequested = false
@@ -100,12 +106,12 @@ final class LoopEngine: @unchecked Sendable {
         pthread_equal(pthread_self(), loopThread) != 0
     }
 
-    func tryExecute(_ work: @escaping @Sendable () -> Void) -> Bool {
+    func tryExecute(_ work: @escaping () -> Void) -> Bool {
         // The send happens under the lock: once shutdown has marked the inbox closed, no thread
         // can reach the wake-up handle, which is closed right after.
         let accepted = inbox.withLock { inbox -> Bool in
             guard !inbox.isClosed else { return false }
-            inbox.work.append(work)
+            inbox.work.append(LoopWork(run: work))
             uv_async_send(wakeup)
             return true
         }
@@ -213,7 +219,7 @@ final class LoopEngine: @unchecked Sendable {
     func atEndOfTurn(_ work: @escaping () -> Void) {
         guard !isShutDown else { return }
         if endOfTurnWork.isEmpty { uv_prepare_start(endOfTurnHandle(), LoopEngine.onEndOfTurn) }
-        endOfTurnWork.append(work)
+        endOfTurnWork.append(LoopWork(run: work))
     }
 
     private func endOfTurnHandle() -> UnsafeMutablePointer<uv_prepare_t> {
@@ -232,21 +238,31 @@ final class LoopEngine: @unchecked Sendable {
         let engine = Unmanaged<LoopEngine>.fromOpaque(data).takeUnretainedValue()
         // Work queued by this work runs in the same pass: nothing is left for after the poll.
         while !engine.endOfTurnWork.isEmpty {
-            let work = engine.endOfTurnWork
-            engine.endOfTurnWork.removeAll(keepingCapacity: true)
-            for item in work { item() }
+            var work: [LoopWork] = []
+            swap(&work, &engine.spareEndOfTurnWork)
+            swap(&work, &engine.endOfTurnWork)
+            for item in work { item.run() }
+            work.removeAll(keepingCapacity: true)
+            if work.capacity > engine.spareEndOfTurnWork.capacity { swap(&work, &engine.spareEndOfTurnWork) }
         }
         if let handle { uv_prepare_stop(handle) }
     }
 
     /// Runs the work taken from the inbox, in order. Loop thread only.
     func drainInbox() {
-        let (work, closeRequested) = inbox.withLock { inbox -> ([@Sendable () -> Void], Bool) in
-            let work = inbox.work
-            inbox.work.removeAll(keepingCapacity: true)
-            return (work, inbox.closeRequested)
+        // Two buffers change places: the inbox gets the spare's empty storage, and the work
+        // taken is emptied in place once it has run (copying the inbox's array out and
+        // emptying it there gave it new storage, grown again by the next appends: an
+        // allocation per call that crossed threads). A nested drain finds no spare.
+        var work: [LoopWork] = []
+        swap(&work, &spareInbox)
+        let closeRequested = inbox.withLock { inbox -> Bool in
+            swap(&work, &inbox.work)
+            return inbox.closeRequested
         }
-        for item in work { item() }
+        for item in work { item.run() }
+        work.removeAll(keepingCapacity: true)
+        if work.capacity > spareInbox.capacity { swap(&work, &spareInbox) }
         if closeRequested {
             closeEverything()
         } else if wakeupKeepsLoopAlive, !isShutDown, inbox.withLock({ $0.work.isEmpty }) {
@@ -311,4 +327,10 @@ protocol LoopResource: AnyObject {
 
 extension LoopResource {
     var closesBeforeTimers: Bool { true }
+}
+
+/// A closure as the loop's queues keep it. A bare function type as an array's element is stored
+/// behind a reabstraction thunk, which costs an allocation per closure queued.
+private struct LoopWork {
+    let run: () -> Void
 }

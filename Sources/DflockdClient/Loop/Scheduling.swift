@@ -4,12 +4,11 @@ extension EventLoop {
     /// Runs `body` now when called on the loop thread, otherwise on the loop's next turn. When
     /// the loop has shut down, `body` never runs, on any thread, and `ifShutDown` runs on the
     /// calling thread instead: it should complete whatever `body` would have.
-    func runOnLoop(ifShutDown: (() -> Void)? = nil, _ body: @escaping () -> Void) {
+    func runOnLoop(ifShutDown: () -> Void = {}, _ body: @escaping () -> Void) {
         if inEventLoop {
-            if isShutDown { ifShutDown?() } else { body() }
-        } else {
-            let box = UncheckedSendable(body)
-            if !tryExecute({ box.value() }) { ifShutDown?() }
+            if isShutDown { ifShutDown() } else { body() }
+        } else if !tryExecute(body) {
+            ifShutDown()
         }
     }
 
@@ -17,7 +16,6 @@ extension EventLoop {
     /// handlers are not called before the method that takes them returns. Once the loop has
     /// shut down there is no later turn, and `body` runs at once on the calling thread.
     func runLater(_ body: @escaping () -> Void) {
-        let box = UncheckedSendable(body)
-        if !tryExecute({ box.value() }) { body() }
+        if !tryExecute(body) { body() }
     }
 }
