@@ -54,38 +54,31 @@ enum Validation {
     /// Unicode's White_Space property, or NUL. Keys and tokens are nearly always ASCII, where
     /// the answer is six byte comparisons; the property lookup is for the rest.
     private static func containsWhitespaceOrNUL(_ value: String) -> Bool {
-        // A native string's bytes are scanned in place: a byte outside 0x21...0x7F (one
-        // comparison) is either whitespace, NUL or non-ASCII. Going through the UTF-8 view's
-        // indices cost 15 instructions a byte, a tenth of a request's work.
-        let scan = value.utf8.withContiguousStorageIfAvailable { bytes -> ByteScan in
-            var isASCII = true
-            for byte in bytes where byte &- 0x21 > 0x5E {
-                if byte <= 0x20 {
-                    if byte == 0x00 || byte == 0x20 || (0x09...0x0D).contains(byte) { return .whitespaceOrNUL }
-                } else {
-                    isASCII = false
-                }
-            }
-            return isASCII ? .ascii : .notASCII
+        // A native string's bytes are scanned in place (going through the UTF-8 view's indices
+        // cost 15 instructions a byte, a tenth of a request's work); the view is for the rest.
+        switch value.utf8.withContiguousStorageIfAvailable(scan) ?? scan(value.utf8) {
+        case .whitespaceOrNUL: return true
+        case .ascii: return false
+        case .notASCII: return value.unicodeScalars.contains { $0.properties.isWhitespace }
         }
-        switch scan {
-        case .whitespaceOrNUL?: return true
-        case .ascii?: return false
-        case .notASCII?, nil: break
-        }
-        var isASCII = true
-        for byte in value.utf8 {
-            switch byte {
-            case 0x00, 0x09...0x0D, 0x20: return true
-            case 0x80...: isASCII = false
-            default: continue
-            }
-        }
-        return !isASCII && value.unicodeScalars.contains { $0.properties.isWhitespace }
     }
 
     private enum ByteScan {
         case whitespaceOrNUL, ascii, notASCII
+    }
+
+    /// ASCII whitespace or NUL found, or else whether every byte is ASCII. A byte outside
+    /// 0x21...0x7F (one comparison) is whitespace, NUL, another control character or non-ASCII.
+    private static func scan(_ bytes: some Sequence<UInt8>) -> ByteScan {
+        var isASCII = true
+        for byte in bytes where byte &- 0x21 > 0x5E {
+            switch byte {
+            case 0x00, 0x09...0x0D, 0x20: return .whitespaceOrNUL
+            case 0x80...: isASCII = false
+            default: continue
+            }
+        }
+        return isASCII ? .ascii : .notASCII
     }
 
     private static func word(_ value: String, name: String) throws(LockError) {

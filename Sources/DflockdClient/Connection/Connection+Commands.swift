@@ -206,6 +206,8 @@ extension Connection {
             }
             return
         }
+        // `runOnLoop` would do this too, but its body, an escaping closure, is allocated even
+        // when it runs inline (inlining it does not move the allocation into the other branch).
         if loop.inEventLoop, !loop.isShutDown {
             send(request, completion: answered)
             return
